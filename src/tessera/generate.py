@@ -1,0 +1,90 @@
+"""Batched generation over the static KV cache: greedy or sampled, with stop tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tessera.model import Transformer
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of shape (B, T), prompts aligned to the right so new tokens share one column."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V). temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             stop_tokens: Sequence[int] | None = None, seed: int | None = None) -> list[list[int]]:
+    """Continue each prompt; returns the new tokens of each (a stop token ends a row and is not returned)."""
+    stops = torch.tensor(sorted(set(stop_tokens if stop_tokens is not None else model.arch.eos_token_ids)),
+                         dtype=torch.long, device=model.device)
+    pad_id = model.arch.pad_token_id if model.arch.pad_token_id is not None else 0
+    ids, mask = left_pad(prompts, pad_id, model.device)
+    generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+    batch = ids.shape[0]
+    model.setup_cache(batch, ids.shape[1] + max_new_tokens)
+    try:
+        logits = model(ids, attention_mask=mask, use_cache=True, last_only=True)[:, -1]
+        out = torch.empty(batch, 0, dtype=torch.long, device=model.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=model.device)
+        for _ in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            token = torch.where(done, pad_id, token)
+            out = torch.cat([out, token[:, None]], dim=1)
+            done |= torch.isin(token, stops)
+            if bool(done.all()):
+                break
+            logits = model(token[:, None], use_cache=True)[:, -1]
+    finally:
+        model.reset_cache()
+    results = []
+    for row in out.tolist():
+        cut = next((j for j, t in enumerate(row) if t in set(stops.tolist())), len(row))
+        results.append(row[:cut])
+    return results
+
+
+def generate_text(model: Transformer, prompt: str | Sequence[str], max_new_tokens: int = 32, *,
+                  chat: bool = False, **kwargs) -> str | list[str]:
+    """Tokenize, generate and decode with the model's own tokenizer."""
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError("this model has no tokenizer; load it with tessera.load or pass token ids to generate()")
+    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if chat and getattr(tok, "chat_template", None):
+        encoded = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False) for t in texts]
+    else:
+        encoded = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    new = generate(model, encoded, max_new_tokens, **kwargs)
+    decoded = [tok.decode(n, skip_special_tokens=True) for n in new]
+    return decoded[0] if isinstance(prompt, str) else decoded
