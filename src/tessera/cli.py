@@ -1,0 +1,184 @@
+"""`tessera` command line: a thin typer dispatch over documented library functions.
+
+Every command catches `TesseraError` and prints one line (`error: ...`) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tessera.errors import TesseraError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="tessera: turn a large Llama-family parent into smaller, faster children.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def friendly(fn):
+    """Turn TesseraError (and a few clear OS errors) into one line and exit 2 instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TesseraError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# ---------------------------------------------------------------- foundation commands (issue 3)
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _load_arch(model: str):
+    """An ArchSpec from a model name/dir/GGUF; a directory with only config.json needs no weights."""
+    from tessera.arch import ArchSpec
+    from tessera.checkpoint import DEFAULT_NAME, default_parent_dir
+
+    if model == DEFAULT_NAME:
+        return ArchSpec.from_file(default_parent_dir())
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return ArchSpec.from_file(path)
+    if path.suffix == ".gguf" and path.is_file():
+        from tessera.checkpoint import load
+
+        return load(path, with_tokenizer=False).arch
+    if not path.exists():
+        raise TesseraError(f"{path}: no such file or directory; pass 'default', a model directory or a .gguf file")
+    raise TesseraError(f"{path}: no config.json here; pass a model directory or a .gguf file")
+
+
+def inspect_rows(arch, kv_bytes: float = 2.0) -> list[dict]:
+    rows = []
+    for i, block in enumerate(arch.blocks):
+        rows.append({
+            "layer": i,
+            "attention": block.attention.kind,
+            "kv_heads": arch.kv_heads(i),
+            "ffn": block.ffn.kind,
+            "ffn_width": block.ffn.intermediate_size or 0,
+            "params": arch.block_params(i),
+            "kv_bytes_per_token": arch.kv_cache_bytes_per_token(kv_bytes, layer=i),
+        })
+    return rows
+
+
+@app.command()
+@friendly
+def inspect(model: str = typer.Argument(..., help="'default', a model directory (config.json is enough) or .gguf"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
+    """Per-layer architecture: attention kind and KV heads, FFN width, parameters, KV-cache bytes per token."""
+    arch = _load_arch(model)
+    rows = inspect_rows(arch)
+    totals = {
+        "layers": arch.num_layers, "params": arch.num_params(), "non_embedding_params": arch.non_embedding_params(),
+        "kv_bytes_per_token_bf16": arch.kv_cache_bytes_per_token(2.0), "homogeneous": arch.is_homogeneous,
+        "hidden_size": arch.hidden_size, "vocab_size": arch.vocab_size, "heads": arch.num_attention_heads,
+        "head_dim": arch.head_dim,
+    }
+    if as_json:
+        typer.echo(json.dumps({"layers": rows, "totals": totals}, indent=2))
+        return
+    table = Table(title=f"{model}: {arch.num_layers} layers, hidden {arch.hidden_size}, {arch.num_attention_heads} "
+                        f"heads x {arch.head_dim}, vocab {arch.vocab_size}")
+    for col in ("layer", "attention", "KV heads", "FFN", "FFN width", "params", "KV bytes/token (bf16)"):
+        table.add_column(col, justify="right" if col not in ("attention", "FFN") else "left")
+    for r in rows:
+        table.add_row(str(r["layer"]), r["attention"], str(r["kv_heads"] or "-"), r["ffn"],
+                      str(r["ffn_width"] or "-"), f"{r['params']:,}", _fmt_bytes(r["kv_bytes_per_token"]))
+    table.add_section()
+    table.add_row("total", "", "", "", "", f"{totals['params']:,}", _fmt_bytes(totals["kv_bytes_per_token_bf16"]))
+    console.print(table)
+    console.print(f"non-embedding parameters: {totals['non_embedding_params']:,}; "
+                  f"config format: {'llama' if arch.is_homogeneous else 'nemotron-nas'}")
+
+
+@app.command()
+@friendly
+def generate(model: str = typer.Argument(..., help="'default', a model directory or .gguf"),
+             prompt: list[str] = typer.Option(..., "--prompt", "-p", help="prompt text (repeat for a batch)"),
+             max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1),
+             temperature: float = typer.Option(0.0, help="0 = greedy"),
+             top_k: int = typer.Option(None, "--top-k"), top_p: float = typer.Option(None, "--top-p"),
+             seed: int = typer.Option(None), chat: bool = typer.Option(False, help="wrap in the chat template")):
+    """Continue one or more prompts (batched, KV cache)."""
+    from tessera.checkpoint import load
+    from tessera.generate import generate_text
+
+    m = load(model)
+    if m.tokenizer is None:
+        raise TesseraError(f"{model}: no tokenizer files beside the weights; copy tokenizer.json into the directory")
+    outs = generate_text(m, list(prompt), max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=seed, chat=chat)
+    for p, out in zip(prompt, outs):
+        if chat:
+            typer.echo(out)
+        else:
+            typer.echo(p + out)
+
+
+@app.command()
+@friendly
+def convert(src: str = typer.Argument(..., help="'default', a model directory or .gguf"),
+            dst: Path = typer.Argument(..., help="output directory"),
+            dtype: str = typer.Option(None, help="float32 | bfloat16 | float16"),
+            force: bool = typer.Option(False, "--force", help="overwrite DST")):
+    """Convert a model to a tessera / transformers safetensors directory (llama or nemotron-nas config)."""
+    from tessera.checkpoint import load, save
+
+    if dst.exists() and not force:
+        raise TesseraError(f"{dst}: already exists; choose another output directory or pass --force to overwrite")
+    m = load(src, dtype=dtype)
+    save(m, dst, force=force)
+    console.print(f"saved {m.arch.num_params():,} parameters to {dst}")
+
+
+@app.command()
+@friendly
+def demo(model: str = typer.Argument("default"),
+         prompt: str = typer.Option("The capital of France is", "--prompt", "-p")):
+    """Load a model, print its architecture summary and a short greedy completion."""
+    from tessera.checkpoint import load
+    from tessera.generate import generate_text
+
+    m = load(model)
+    inspect.__wrapped__(model, False) if hasattr(inspect, "__wrapped__") else inspect(model, False)
+    console.print(f"[bold]prompt:[/] {prompt}")
+    console.print(f"[bold]completion:[/] {prompt}{generate_text(m, prompt, 24)}")
+
+
+# ---------------------------------------------------------------- evaluation commands (issue 4)
+
+# ---------------------------------------------------------------- pruning / distillation commands (issue 5)
+
+# ---------------------------------------------------------------- speed / cost / plot commands (issue 6)
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # `tessera inspect ... | head`
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
