@@ -46,3 +46,15 @@ def random_model(arch: ArchSpec, seed: int = 0) -> Transformer:
                 p.normal_(0.0, 0.2 if "embed" in name else 0.1)
     model = _finish(model)
     return model.eval()
+
+
+def tiny_tokenizer(vocab: int = TINY_VOCAB):
+    """An in-memory word-level tokenizer over `vocab` ids: 0 <pad>, 1 <s>, 2 </s>, 3 <unk>, then words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(vocab - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")

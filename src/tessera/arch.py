@@ -235,6 +235,8 @@ class ArchSpec:
             "attention_bias": False,
             "mlp_bias": False,
         }
+        if common["rope_scaling"] is None:  # absent, not null: transformers 5 warns on a null legacy key
+            del common["rope_scaling"]
         cfg.update(common)
         if self.is_homogeneous:
             block = self.blocks[0]
@@ -261,7 +263,9 @@ class ArchSpec:
             "no_op": att.kind == "no_op",
             "replace_with_linear": att.kind == "linear",
         }
-        ffn_cfg: dict[str, Any] = {"ffn_mult": None, "no_op": ffn.kind == "no_op", "replace_with_linear": ffn.kind == "linear"}
+        ffn_cfg: dict[str, Any] = {
+            "ffn_mult": None, "no_op": ffn.kind == "no_op", "replace_with_linear": ffn.kind == "linear",
+        }
         if ffn.kind == "swiglu":
             mult = ffn_mult_for(ffn.intermediate_size, self.hidden_size)
             ffn_cfg["ffn_mult"] = mult
@@ -371,7 +375,8 @@ def ffn_mult_for(intermediate_size: int, hidden_size: int) -> float:
 
 
 def _block_from_nas(raw: Any, i: int, n_heads: int, hidden: int, source: str) -> BlockSpec:
-    if not isinstance(raw, dict) or not isinstance(raw.get("attention", {}), dict) or not isinstance(raw.get("ffn", {}), dict):
+    parts_ok = isinstance(raw, dict) and all(isinstance(raw.get(k, {}), dict) for k in ("attention", "ffn"))
+    if not parts_ok:
         raise TesseraError(f"{source}: block_configs[{i}] must be an object with 'attention' and 'ffn' objects")
     att, ffn = raw.get("attention", {}), raw.get("ffn", {})
     if att.get("no_op"):

@@ -55,7 +55,7 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = N
     if path.is_file() and path.suffix == ".gguf":
         model = _load_gguf(path)
     elif path.is_dir():
-        model = _load_dir(path, dtype)
+        model = _load_dir(path)
     else:
         raise TesseraError(f"{path}: not a model directory (no config.json) or .gguf file")
     if dtype is not None:
@@ -75,7 +75,7 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _load_dir(path: Path, dtype) -> Transformer:
+def _load_dir(path: Path) -> Transformer:
     config = path / "config.json"
     if not config.is_file():
         raise TesseraError(f"{path}: no config.json; a model directory needs config.json plus safetensors weights")
@@ -291,6 +291,22 @@ def _write_checkpoint(model: Transformer, tmp: Path, max_shard_bytes: int, extra
     _write_shards(state, tmp, max_shard_bytes)
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(tmp))
+        _drop_local_tokenizer_keys(tmp / "tokenizer_config.json")
+
+
+# transformers records where a tokenizer was loaded from; that is about this machine, not the model, and
+# would make save -> load -> save differ byte for byte.
+_LOCAL_TOKENIZER_KEYS = ("is_local", "local_files_only", "name_or_path", "_commit_hash", "trust_remote_code")
+
+
+def _drop_local_tokenizer_keys(path: Path) -> None:
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    if any(k in cfg for k in _LOCAL_TOKENIZER_KEYS):
+        for k in _LOCAL_TOKENIZER_KEYS:
+            cfg.pop(k, None)
+        path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def _write_shards(state: dict[str, torch.Tensor], tmp: Path, max_shard_bytes: int) -> None:

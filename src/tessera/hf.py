@@ -1,17 +1,19 @@
 """transformers integration: `AutoModelForCausalLM.from_pretrained(child_dir)` for nemotron-nas children.
 
-NVIDIA's DeciLM checkpoints ship remote code for transformers 4.44 that breaks on 5.x; transformers has no
-built-in `nemotron-nas` type. After `import tessera` these classes fill that gap, built on tessera's model,
-so heterogeneous children load without `trust_remote_code`.
+NVIDIA's DeciLM checkpoints ship remote code for transformers 4.44 that breaks on 5.x, and transformers has no
+built-in `nemotron-nas` type. After `import tessera` these classes fill that gap without `trust_remote_code`:
+the wrapper owns the same `model.*` / `lm_head` module tree as tessera's `Transformer` and borrows its
+forward code, so parameter names are the DeciLM ones and the numbers are tessera's.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from tessera.arch import ArchSpec
+from tessera.arch import ArchSpec, llama3_inv_freq
 from tessera.model import Transformer
 
 
@@ -27,48 +29,42 @@ class NemotronNASConfig(PretrainedConfig):
 
 
 class DeciLMForCausalLM(PreTrainedModel, GenerationMixin):
-    """A transformers wrapper over tessera's Transformer; parameter names are the DeciLM ones."""
-
     config_class = NemotronNASConfig
     base_model_prefix = "model"
     _no_split_modules = ["Block"]
 
+    # tessera's forward code works on any module with these attributes.
+    hidden = Transformer.hidden
+    _rope = Transformer._rope
+    setup_cache = Transformer.setup_cache
+    reset_cache = Transformer.reset_cache
+
     def __init__(self, config: NemotronNASConfig):
         super().__init__(config)
-        self.tessera = Transformer(config.arch())
-        if config.tie_word_embeddings:
+        self.arch = config.arch()
+        core = Transformer(self.arch)
+        self.model, self.lm_head = core.model, core.lm_head
+        self.register_buffer("inv_freq", core.inv_freq, persistent=False)
+        self.cache = None
+        if self.arch.tie_word_embeddings:
             self._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
         self.post_init()
 
-    # Expose the same module tree as transformers' Llama: `model.*` and `lm_head`.
-    def __getattr__(self, name):
-        if name in ("model", "lm_head"):
-            return getattr(self._modules["tessera"], name)
-        return super().__getattr__(name)
-
-    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
-        for name, p in super().named_parameters(prefix, recurse, remove_duplicate):
-            yield name.replace("tessera.", "", 1) if name.startswith(prefix + "tessera.") else name, p
-
-    def state_dict(self, *args, **kwargs):
-        sd = self.tessera.state_dict(*args, **kwargs)
-        return sd
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return self.tessera.load_state_dict(state_dict, strict=strict, assign=assign)
+    def _init_weights(self, module):
+        if module is self:  # the non-persistent RoPE buffer is rebuilt, never loaded
+            arch = self.arch
+            init.copy_(self.inv_freq, llama3_inv_freq(arch.head_dim, arch.rope_theta, arch.rope_scaling))
+        else:
+            super()._init_weights(module)
 
     def get_input_embeddings(self):
-        return self.tessera.model.embed_tokens
+        return self.model.embed_tokens
 
     def get_output_embeddings(self):
-        return self.tessera.lm_head
-
-    def _init_weights(self, module):
-        if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
-            module.weight.data.normal_(0.0, 0.02)
+        return self.lm_head
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **_unused) -> CausalLMOutputWithPast:
-        logits = self.tessera(input_ids, attention_mask=attention_mask)
+        logits = self.lm_head(self.hidden(input_ids, attention_mask))
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(
