@@ -8,6 +8,8 @@ import torch
 
 from tessera.model import Transformer
 
+CACHE_BUCKET = 256
+
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) of shape (B, T), prompts aligned to the right so new tokens share one column."""
@@ -43,15 +45,22 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 @torch.inference_mode()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             stop_tokens: Sequence[int] | None = None, seed: int | None = None) -> list[list[int]]:
-    """Continue each prompt; returns the new tokens of each (a stop token ends a row and is not returned)."""
+             stop_tokens: Sequence[int] | None = None, seed: int | None = None,
+             compile: bool = False) -> list[list[int]]:
+    """Continue each prompt; returns the new tokens of each (a stop token ends a row and is not returned).
+
+    compile=True runs the decode step through torch.compile (one compilation per batch size and cache
+    length; worth it for long generations, not for a handful of tokens).
+    """
     stops = torch.tensor(sorted(set(stop_tokens if stop_tokens is not None else model.arch.eos_token_ids)),
                          dtype=torch.long, device=model.device)
     pad_id = model.arch.pad_token_id if model.arch.pad_token_id is not None else 0
     ids, mask = left_pad(prompts, pad_id, model.device)
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     batch = ids.shape[0]
-    model.setup_cache(batch, ids.shape[1] + max_new_tokens)
+    # Cache lengths are rounded up so repeated generations reuse one compiled decode graph.
+    model.setup_cache(batch, -(-(ids.shape[1] + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET)
+    step = compiled_decode_step(model) if compile else model.decode_step
     try:
         logits = model(ids, attention_mask=mask, use_cache=True, last_only=True)[:, -1]
         out = torch.empty(batch, 0, dtype=torch.long, device=model.device)
@@ -63,7 +72,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
             done |= torch.isin(token, stops)
             if bool(done.all()):
                 break
-            logits = model(token[:, None], use_cache=True)[:, -1]
+            logits = step(token[:, None])
     finally:
         model.reset_cache()
     results = []
@@ -71,6 +80,13 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         cut = next((j for j, t in enumerate(row) if t in set(stops.tolist())), len(row))
         results.append(row[:cut])
     return results
+
+
+def compiled_decode_step(model: Transformer):
+    """model.decode_step with its shape-static core under torch.compile (cached on the model for reuse)."""
+    if getattr(model, "_compiled_decode", None) is None:
+        model._compiled_decode = torch.compile(model._decode_static, dynamic=False)
+    return lambda token: model.decode_step(token, impl=model._compiled_decode)
 
 
 def generate_text(model: Transformer, prompt: str | Sequence[str], max_new_tokens: int = 32, *,

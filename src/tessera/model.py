@@ -33,10 +33,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and cast back before the gain, exactly as transformers does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalise in fp32 and cast back before the gain, exactly as transformers does (fused kernel).
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -95,12 +93,24 @@ class Attention(nn.Module):
             cache.k[:, :, start : start + T] = k
             cache.v[:, :, start : start + T] = v
             k, v = cache.k[:, :, : start + T], cache.v[:, :, : start + T]
-        if self.n_kv != self.n_heads:  # GQA: each KV head serves a contiguous group of query heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        # GQA: each KV head serves a contiguous group of query heads (SDPA broadcasts, no copies).
         causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def decode_static(self, x, cos, sin, mask, k_cache, v_cache, slot) -> torch.Tensor:
+        """One new token per sequence, written at cache index `slot` (a 1-element tensor); attends over the
+        whole static cache under `mask`. Every shape is fixed, so torch.compile traces it once."""
+        B = x.shape[0]
+        q = self.q_proj(x).view(B, 1, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, 1, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache.index_copy_(2, slot, k)
+        v_cache.index_copy_(2, slot, v)
+        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, 1, -1))
 
 
 class LinearAttention(nn.Module):
@@ -161,6 +171,15 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, cache, start) -> torch.Tensor:
         if self.self_attn is not None:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        if self.mlp is not None:
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x
+
+    def decode_static(self, x, cos, sin, mask, k_cache, v_cache, slot) -> torch.Tensor:
+        if isinstance(self.self_attn, Attention):
+            x = x + self.self_attn.decode_static(self.input_layernorm(x), cos, sin, mask, k_cache, v_cache, slot)
+        elif self.self_attn is not None:
+            x = x + self.self_attn(self.input_layernorm(x))
         if self.mlp is not None:
             x = x + self.mlp(self.post_attention_layernorm(x))
         return x
@@ -267,6 +286,28 @@ class Transformer(nn.Module):
             cache.next_pos = positions[:, -1] + 1
         x = self.model.norm(x)
         return (x, states) if output_hidden_states else x
+
+    def decode_step(self, token: torch.Tensor, impl=None) -> torch.Tensor:
+        """Logits (B, V) for one new token per sequence (B, 1) after a cached prefill; shape-static, so
+        `impl=torch.compile(model._decode_static)` compiles once per cache shape (gpt-fast's trick)."""
+        cache = self.cache
+        slot = torch.full((1,), cache.length, dtype=torch.long, device=token.device)
+        out = (impl or self._decode_static)(token, cache.next_pos, slot, cache.key_valid,
+                                  [c.k if c is not None else None for c in cache.layers],
+                                  [c.v if c is not None else None for c in cache.layers])
+        cache.length += 1
+        cache.next_pos = cache.next_pos + 1
+        return out
+
+    def _decode_static(self, token, next_pos, slot, key_valid, ks, vs) -> torch.Tensor:
+        key_valid.index_fill_(1, slot, True)
+        slots = torch.arange(key_valid.shape[1], device=token.device)
+        mask = (key_valid & (slots <= slot))[:, None, None, :]  # (B, 1, 1, S)
+        x = self.model.embed_tokens(token)
+        cos, sin = self._rope(next_pos[:, None], x.dtype)
+        for block, k, v in zip(self.model.layers, ks, vs):
+            x = block.decode_static(x, cos, sin, mask, k, v, slot)
+        return self.lm_head(self.model.norm(x))[:, -1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 use_cache: bool = False, last_only: bool = False) -> torch.Tensor:
