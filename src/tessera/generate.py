@@ -65,13 +65,13 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         logits = model(ids, attention_mask=mask, use_cache=True, last_only=True)[:, -1]
         out = torch.empty(batch, 0, dtype=torch.long, device=model.device)
         done = torch.zeros(batch, dtype=torch.bool, device=model.device)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)
             token = torch.where(done, pad_id, token)
             out = torch.cat([out, token[:, None]], dim=1)
             done |= torch.isin(token, stops)
-            if bool(done.all()):
-                break
+            if i == max_new_tokens - 1 or bool(done.all()):
+                break  # no forward pass for a token nobody will read
             logits = step(token[:, None])
     finally:
         model.reset_cache()
