@@ -82,12 +82,7 @@ def inspect_rows(arch, kv_bytes: float = 2.0) -> list[dict]:
     return rows
 
 
-@app.command()
-@friendly
-def inspect(model: str = typer.Argument(..., help="'default', a model directory (config.json is enough) or .gguf"),
-            as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
-    """Per-layer architecture: attention kind and KV heads, FFN width, parameters, KV-cache bytes per token."""
-    arch = _load_arch(model)
+def print_inspect(arch, title: str, as_json: bool = False) -> None:
     rows = inspect_rows(arch)
     totals = {
         "layers": arch.num_layers, "params": arch.num_params(), "non_embedding_params": arch.non_embedding_params(),
@@ -98,7 +93,7 @@ def inspect(model: str = typer.Argument(..., help="'default', a model directory 
     if as_json:
         typer.echo(json.dumps({"layers": rows, "totals": totals}, indent=2))
         return
-    table = Table(title=f"{model}: {arch.num_layers} layers, hidden {arch.hidden_size}, {arch.num_attention_heads} "
+    table = Table(title=f"{title}: {arch.num_layers} layers, hidden {arch.hidden_size}, {arch.num_attention_heads} "
                         f"heads x {arch.head_dim}, vocab {arch.vocab_size}")
     for col in ("layer", "attention", "KV heads", "FFN", "FFN width", "params", "KV bytes/token (bf16)"):
         table.add_column(col, justify="right" if col not in ("attention", "FFN") else "left")
@@ -110,6 +105,14 @@ def inspect(model: str = typer.Argument(..., help="'default', a model directory 
     console.print(table)
     console.print(f"non-embedding parameters: {totals['non_embedding_params']:,}; "
                   f"config format: {'llama' if arch.is_homogeneous else 'nemotron-nas'}")
+
+
+@app.command()
+@friendly
+def inspect(model: str = typer.Argument(..., help="'default', a model directory (config.json is enough) or .gguf"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")):
+    """Per-layer architecture: attention kind and KV heads, FFN width, parameters, KV-cache bytes per token."""
+    print_inspect(_load_arch(model), model, as_json)
 
 
 @app.command()
@@ -161,7 +164,7 @@ def demo(model: str = typer.Argument("default"),
     from tessera.generate import generate_text
 
     m = load(model)
-    inspect.__wrapped__(model, False) if hasattr(inspect, "__wrapped__") else inspect(model, False)
+    print_inspect(m.arch, model)
     console.print(f"[bold]prompt:[/] {prompt}")
     console.print(f"[bold]completion:[/] {prompt}{generate_text(m, prompt, 24)}")
 
