@@ -1,0 +1,125 @@
+"""Run tasks on a model: score items, aggregate metrics, cache results by model content hash.
+
+Results are cached under `$TESSERA_HOME/eval-cache/<fingerprint>/` keyed by task, limit and prompt version,
+so the parent is evaluated once per machine however many children are compared with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tessera.evaluate.metrics import aggregate, extract_number, item_outcome
+from tessera.evaluate.scoring import Scorer
+from tessera.evaluate.tasks import PROMPT_VERSION, Item, Task, bench_dir, get_task, load_items
+from tessera.model import Transformer
+
+PAIR_CHUNK = 64  # items whose pairs are batched together on the full-sequence path
+
+
+def cache_path(fingerprint: str, task: Task, limit: int | None, data_dir: Path) -> Path:
+    from tessera.checkpoint import tessera_home
+
+    where = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:8]  # different data, different entry
+    tag = f"{task.name}-limit{limit or 'all'}-v{PROMPT_VERSION}-{where}"
+    return tessera_home() / "eval-cache" / fingerprint / f"{tag}.json"
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def score_items(scorer: Scorer, items: list[Item], progress=None, task_id=None) -> list[dict[str, float]]:
+    outcomes: list[dict[str, float] | None] = [None] * len(items)
+    pending: list[int] = []
+
+    def flush():
+        pairs = [(c, t) for i in pending for c, t in zip(items[i].contexts, items[i].continuations)]
+        scores = scorer.score_pairs(pairs)
+        k = 0
+        for i in pending:
+            n = len(items[i].contexts)
+            outcomes[i] = item_outcome(items[i], scores[k:k + n])
+            k += n
+        if progress is not None:
+            progress.advance(task_id, len(pending))
+        pending.clear()
+
+    for i, item in enumerate(items):
+        if item.kind == "generate":
+            raise ValueError("generative items go through generate_items")
+        shared = len(item.contexts) > 1 and len(set(item.contexts)) == 1
+        if shared:
+            outcomes[i] = item_outcome(item, scorer.score_shared(item.contexts[0], item.continuations))
+            if progress is not None:
+                progress.advance(task_id)
+        else:
+            pending.append(i)
+            if len(pending) >= PAIR_CHUNK:
+                flush()
+    if pending:
+        flush()
+    return outcomes  # type: ignore[return-value]
+
+
+def generate_items(model: Transformer, items: list[Item], batch_size: int, max_new_tokens: int = 256,
+                   progress=None, task_id=None) -> list[dict[str, float]]:
+    """gsm8k-style: greedy generation until 'Question:' or a blank line, exact match on the final number."""
+    from tessera.generate import generate
+
+    tok = model.tokenizer
+    outcomes = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        prompts = [tok(it.contexts[0], add_special_tokens=False)["input_ids"] for it in batch]
+        for item, new in zip(batch, generate(model, prompts, max_new_tokens)):
+            text = tok.decode(new, skip_special_tokens=True)
+            text = text.split("Question:")[0].split("\n\n")[0]
+            outcomes.append({"exact_match": float(extract_number(text) == item.target)})
+        if progress is not None:
+            progress.advance(task_id, len(batch))
+    return outcomes
+
+
+def evaluate_tasks(model: Transformer, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
+                   data_dir=None, use_cache: bool = True, progress: bool = True) -> dict[str, dict]:
+    """Metrics per task: acc (+ acc_norm where defined) with stderr, n and wall seconds."""
+    from tessera.checkpoint import fingerprint
+
+    root = bench_dir(data_dir)
+    specs = [get_task(t) for t in tasks]  # fail on an unknown task before any work
+    fp = fingerprint(model) if use_cache else ""
+    scorer = Scorer(model, batch_size)
+    results: dict[str, dict] = {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        for task in specs:
+            path = cache_path(fp, task, limit, root) if use_cache else None
+            if path is not None and path.is_file():
+                results[task.name] = json.loads(path.read_text()) | {"cached": True}
+                continue
+            items = load_items(task, root, limit)
+            task_id = bar.add_task(task.name, total=len(items), rate="")
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                if task.generative:
+                    outcomes = generate_items(model, items, batch_size, progress=bar, task_id=task_id)
+                else:
+                    outcomes = score_items(scorer, items, bar, task_id)
+            seconds = time.perf_counter() - t0
+            bar.update(task_id, rate=f"{len(items) / max(seconds, 1e-9):.1f} items/s")
+            metrics = aggregate(items, outcomes, task.metrics) | {"seconds": round(seconds, 2), "limit": limit}
+            results[task.name] = metrics
+            if path is not None:
+                _write_json_atomic(path, metrics)
+    return results
