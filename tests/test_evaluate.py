@@ -1,0 +1,222 @@
+import json
+import math
+
+import pytest
+import torch
+from helpers import random_model, tiny_arch, tiny_tokenizer
+
+from tessera.errors import TesseraError
+from tessera.evaluate import accuracy_preserved, evaluate_tasks, mean_kld, render_preserved_markdown
+from tessera.evaluate.harness import TesseraLM
+from tessera.evaluate.metrics import aggregate, extract_number, item_outcome, mean_stderr
+from tessera.evaluate.perplexity import rolling_nll
+from tessera.evaluate.scoring import Score, Scorer
+from tessera.evaluate.tasks import Item, mmlu_prompt
+
+FAVOURITE = 40  # token "w36"
+
+
+@pytest.fixture
+def model():
+    m = random_model(tiny_arch(layers=2))
+    m.tokenizer = tiny_tokenizer()
+    return m
+
+
+@pytest.fixture
+def planted():
+    """A model that prefers token FAVOURITE after any context: blocks are identities, the final hidden state
+    has a large shared component, and only FAVOURITE's output row reads it."""
+    m = random_model(tiny_arch(layers=2))
+    with torch.no_grad():
+        for layer in m.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        m.model.embed_tokens.weight[:, 0] = 8.0
+        m.lm_head.weight[:, 0] = 0.0
+        m.lm_head.weight[FAVOURITE, 0] = 3.0
+    m.tokenizer = tiny_tokenizer()
+    return m
+
+
+def brute_loglik(model, context_ids, cont_ids):
+    seq = torch.tensor([context_ids + cont_ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(seq)[0].float(), -1)
+    n = len(cont_ids)
+    return sum(lp[len(context_ids) - 1 + j, t].item() for j, t in enumerate(cont_ids))
+
+
+def test_shared_context_and_pair_paths_equal_brute_force(model):
+    scorer = Scorer(model, batch_size=3)
+    ctx = "w1 w2 w3 w4 w5"
+    conts = [" w6", " w7 w8 w9", " w10 w11"]
+    shared = scorer.score_shared(ctx, conts)
+    pairs = scorer.score_pairs([(ctx, c) for c in conts])
+    for c, s, p in zip(conts, shared, pairs):
+        ref = brute_loglik(model, scorer.encode(ctx), scorer.encode(c))
+        assert s.loglik == pytest.approx(ref, abs=1e-4) and p.loglik == pytest.approx(ref, abs=1e-4)
+        assert s.n_tokens == len(c.split())
+
+
+def test_planted_preference_wins_every_metric(planted):
+    scorer = Scorer(planted)
+    fav = f" w{FAVOURITE - 4}"
+    item = Item(("w1 w2 w3",) * 3, (" w10", fav, " w11 w12"), 1)
+    scores = scorer.score_shared(item.contexts[0], item.continuations)
+    assert item_outcome(item, scores) == {"acc": 1.0, "acc_norm": 1.0}
+    assert scores[1].is_greedy and not scores[0].is_greedy
+    wrong = Item(item.contexts, item.continuations, 0)
+    assert item_outcome(wrong, scores)["acc"] == 0.0
+    # lambada-style: the greedy continuation counts as correct, any other as wrong
+    assert item_outcome(Item(("w1",), (fav,), 0, kind="greedy"), scorer.score_pairs([("w1", fav)]))["acc"] == 1.0
+    assert item_outcome(Item(("w1",), (" w9",), 0, kind="greedy"), scorer.score_pairs([("w1", " w9")]))["acc"] == 0.0
+
+
+def test_acc_norm_divides_by_continuation_characters():
+    item = Item(("q",) * 2, (" ab", " a much longer answer"), 1)
+    scores = [Score(-6.0, False, 1), Score(-10.0, False, 5)]  # -2.0/char vs -0.48/char
+    assert item_outcome(item, scores) == {"acc": 0.0, "acc_norm": 1.0}
+
+
+def test_truthfulqa_mc1_and_mc2():
+    scores = [Score(math.log(0.2), False, 1), Score(math.log(0.3), False, 1), Score(math.log(0.5), False, 1)]
+    assert item_outcome(Item(("q",) * 3, ("a", "b", "c"), 0, kind="mc1"), scores) == {"acc": 0.0}
+    mc2 = item_outcome(Item(("q",) * 3, ("a", "b", "c"), (0, 1), kind="mc2"), scores)
+    assert mc2["acc"] == pytest.approx(0.5)
+
+
+def test_aggregate_stderr_groups_and_perplexity():
+    assert mean_stderr([1, 0, 1, 0]) == pytest.approx((0.5, math.sqrt(1 / 3 / 4)))
+    items = [Item(("c",), ("x",), 0, group=g) for g in ("a", "a", "b")]
+    out = aggregate(items, [{"acc": 1.0}, {"acc": 0.0}, {"acc": 1.0}])
+    assert out["groups"] == {"a": {"acc": 0.5, "n": 2}, "b": {"acc": 1.0, "n": 1}}
+    assert out["acc_macro"] == pytest.approx(0.75) and out["acc"] == pytest.approx(2 / 3)
+    lam = aggregate([Item(("c",), ("x",), 0, kind="greedy")] * 2, [{"acc": 1.0, "loglik": -1.0}, {"acc": 0.0, "loglik": -3.0}])
+    assert lam["perplexity"] == pytest.approx(math.exp(2.0))
+
+
+def test_mmlu_prompt_format():
+    shot = {"question": "2+2?", "choice0": "3", "choice1": "4", "choice2": "5", "choice3": "6", "answer": "1"}
+    row = {"question": "1+1?", "choice0": "2", "choice1": "3", "choice2": "4", "choice3": "5", "answer": "0"}
+    assert mmlu_prompt("high_school_math", [shot], row) == (
+        "The following are multiple choice questions (with answers) about high school math.\n\n"
+        "2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer: B\n\n"
+        "1+1?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer:"
+    )
+
+
+def test_gsm8k_number_extraction():
+    assert extract_number("so she makes 18 dollars.") == "18"
+    assert extract_number("#### 1,234") == "1234"
+    assert extract_number("no numbers") is None
+
+
+def test_perplexity_full_window_is_exact_and_windows_score_every_token_once(model):
+    ids = torch.randint(3, 96, (50,), generator=torch.Generator().manual_seed(0)).tolist()
+    ref = -brute_loglik(model, [2], ids)
+    assert rolling_nll(model, ids, max_len=64) == pytest.approx(ref, abs=1e-3)
+    # with windows: the first window is the same as the full computation for its tokens
+    first = -brute_loglik(model, [2], ids[:20])
+    calls = []
+    orig = model.hidden
+
+    def counting(x, *a, **k):
+        calls.append(x.shape[1])
+        return orig(x, *a, **k)
+
+    model.hidden = counting
+    total = rolling_nll(model, ids, max_len=20, stride=7)
+    assert total > first and calls[0] == 20 and len(calls) == 1 + math.ceil((50 - 20) / 7)
+
+
+def test_kld_zero_for_identical_and_matches_formula(model):
+    other = random_model(tiny_arch(layers=2), seed=3)
+    chunks = torch.randint(0, 96, (3, 16))
+    same = mean_kld(model, model, chunks)
+    assert same.kld == pytest.approx(0.0, abs=1e-6) and same.top1 == 1.0 and same.tokens == 48
+    r = mean_kld(model, other, chunks, batch_size=2)
+    with torch.no_grad():
+        p, q = torch.log_softmax(model(chunks), -1), torch.log_softmax(other(chunks), -1)
+    assert r.kld == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(), rel=1e-5)
+
+
+def test_accuracy_preserved_table():
+    child = {"arc_easy": {"acc_norm": 0.5, "acc": 0.6}, "boolq": {"acc": 0.6}}
+    parent = {"arc_easy": {"acc_norm": 0.5, "acc": 0.7}, "boolq": {"acc": 0.8}, "mmlu": {"acc": 0.3}}
+    table = accuracy_preserved(child, parent)
+    assert [r["preserved"] for r in table["rows"]] == pytest.approx([1.0, 0.75])
+    assert table["average"]["preserved"] == pytest.approx(0.55 / 0.65)
+    md = render_preserved_markdown(table)
+    assert "| boolq | acc | 60.00 | 80.00 | 75.0% |" in md and "average" in md
+
+
+@pytest.fixture
+def custom_task(tmp_path):
+    rows = [{"context": "w1 w2", "choices": [" w3", f" w{FAVOURITE - 4}"], "gold": 1}] * 3
+    rows.append({"context": "w5", "choices": [f" w{FAVOURITE - 4}", " w9 w9"], "gold": 0})
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_custom_task_end_to_end_and_cache(planted, custom_task, tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_HOME", str(tmp_path / "home"))
+    first = evaluate_tasks(planted, [str(custom_task)], progress=False)["mine"]
+    assert first["acc"] == 1.0 and first["n"] == 4 and "cached" not in first
+    again = evaluate_tasks(planted, [str(custom_task)], progress=False)["mine"]
+    assert again["cached"] and again["acc"] == 1.0
+    with torch.no_grad():
+        planted.lm_head.weight[FAVOURITE, 0] = -3.0  # new weights, new fingerprint: recomputed
+    changed = evaluate_tasks(planted, [str(custom_task)], progress=False)["mine"]
+    assert "cached" not in changed and changed["acc"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ('{"context": "w1", "choices": [" w2", " w3"], "gold": 0}\n{"context": "w1", "choices": " w2"', "mine.jsonl:2: malformed JSON"),
+        ('{"context": "w1", "choices": [" w2", " w3"], "gold": 5}\n', "mine.jsonl:1: gold=5"),
+        ('{"context": "w1", "gold": 0}\n', "mine.jsonl:1: row needs 'choices'"),
+        ("\n\n", "mine.jsonl: data file is empty"),
+    ],
+)
+def test_bad_task_data_names_file_and_line(planted, tmp_path, content, needle):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(content)
+    with pytest.raises(TesseraError, match=needle):
+        evaluate_tasks(planted, [str(path)], progress=False, use_cache=False)
+
+
+def test_unknown_task(planted):
+    with pytest.raises(TesseraError, match="unknown task 'hellaswag'"):
+        evaluate_tasks(planted, ["hellaswag"], progress=False)
+
+
+def test_missing_data_dir_is_one_line(planted, tmp_path):
+    with pytest.raises(TesseraError, match="task data file not found"):
+        evaluate_tasks(planted, ["arc_easy"], data_dir=tmp_path, progress=False, use_cache=False)
+
+
+class Req:
+    def __init__(self, *args):
+        self.args = args
+
+
+def test_lm_eval_adapter_methods(planted):
+    lm = TesseraLM(planted)
+    fav = f" w{FAVOURITE - 4}"
+    (ll_fav, greedy_fav), (ll_other, greedy_other) = lm.loglikelihood([Req("w1 w2", fav), Req("w1 w2", " w3")])
+    assert greedy_fav and not greedy_other and ll_fav > ll_other
+    rolling = lm.loglikelihood_rolling([Req("w1 w2 w3")])[0]
+    assert rolling == pytest.approx(brute_loglik(planted, [2], [5, 6, 7]), abs=1e-4)
+    text = lm.generate_until([Req("w1 w2", {"until": [" w99"], "max_gen_toks": 3})])[0]
+    assert text.split() == [fav.strip()] * 3
+
+
+def test_real_tasks_load_and_score(shared_dir, planted):
+    results = evaluate_tasks(planted, ["arc_easy", "winogrande", "mmlu"], limit=3, progress=False, use_cache=False,
+                             data_dir=shared_dir / "data" / "bench")
+    assert results["arc_easy"]["n"] == 3 and 0.0 <= results["arc_easy"]["acc_norm"] <= 1.0
+    assert "acc_norm" not in results["winogrande"] and results["mmlu"]["acc_macro"] is not None
+    assert len(results["mmlu"]["groups"]) == 3  # subjects are interleaved: 3 items, 3 subjects
