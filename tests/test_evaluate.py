@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-from helpers import random_model, tiny_arch, tiny_tokenizer
 
+from helpers import random_model, tiny_arch, tiny_tokenizer
 from tessera.errors import TesseraError
 from tessera.evaluate import accuracy_preserved, evaluate_tasks, mean_kld, render_preserved_markdown
 from tessera.evaluate.harness import TesseraLM
@@ -43,7 +43,6 @@ def brute_loglik(model, context_ids, cont_ids):
     seq = torch.tensor([context_ids + cont_ids])
     with torch.no_grad():
         lp = torch.log_softmax(model(seq)[0].float(), -1)
-    n = len(cont_ids)
     return sum(lp[len(context_ids) - 1 + j, t].item() for j, t in enumerate(cont_ids))
 
 
@@ -92,7 +91,8 @@ def test_aggregate_stderr_groups_and_perplexity():
     out = aggregate(items, [{"acc": 1.0}, {"acc": 0.0}, {"acc": 1.0}])
     assert out["groups"] == {"a": {"acc": 0.5, "n": 2}, "b": {"acc": 1.0, "n": 1}}
     assert out["acc_macro"] == pytest.approx(0.75) and out["acc"] == pytest.approx(2 / 3)
-    lam = aggregate([Item(("c",), ("x",), 0, kind="greedy")] * 2, [{"acc": 1.0, "loglik": -1.0}, {"acc": 0.0, "loglik": -3.0}])
+    lam = aggregate([Item(("c",), ("x",), 0, kind="greedy")] * 2,
+                    [{"acc": 1.0, "loglik": -1.0}, {"acc": 0.0, "loglik": -3.0}])
     assert lam["perplexity"] == pytest.approx(math.exp(2.0))
 
 
@@ -175,7 +175,8 @@ def test_custom_task_end_to_end_and_cache(planted, custom_task, tmp_path, monkey
 @pytest.mark.parametrize(
     "content, needle",
     [
-        ('{"context": "w1", "choices": [" w2", " w3"], "gold": 0}\n{"context": "w1", "choices": " w2"', "mine.jsonl:2: malformed JSON"),
+        ('{"context": "w1", "choices": [" w2", " w3"], "gold": 0}\n{"context": "w1", "choices": " w2"',
+         "mine.jsonl:2: malformed JSON"),
         ('{"context": "w1", "choices": [" w2", " w3"], "gold": 5}\n', "mine.jsonl:1: gold=5"),
         ('{"context": "w1", "gold": 0}\n', "mine.jsonl:1: row needs 'choices'"),
         ("\n\n", "mine.jsonl: data file is empty"),

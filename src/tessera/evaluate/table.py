@@ -68,7 +68,7 @@ def rich_results_table(results: dict, title: str = "results"):
         if "exact_match" in r:
             other.append(f"em {100 * r['exact_match']:.2f}")
 
-        def pct(key):
+        def pct(key, r=r):
             return f"{100 * r[key]:.2f}" if key in r else ""
 
         t.add_row(task, str(r.get("n", "")), pct("acc"), pct("acc_stderr"), pct("acc_norm"), pct("acc_norm_stderr"),
