@@ -41,7 +41,8 @@ def test_cost_is_monotone(hw, batch):
     # variants are ordered as expected: no-op < linear < full
     noop = BlockSpec(AttentionSpec("no_op"), FFNSpec("no_op"))
     lin = BlockSpec(AttentionSpec("linear"), FFNSpec("linear"))
-    assert cost(noop, batch=batch, hw=hw).decode_s < cost(lin, batch=batch, hw=hw).decode_s < cost(gqa(1), batch=batch, hw=hw).decode_s
+    times = [cost(b, batch=batch, hw=hw).decode_s for b in (noop, lin, gqa(1))]
+    assert times == sorted(times) and len(set(times)) == 3
 
 
 def test_no_op_block_costs_nothing():
@@ -52,7 +53,6 @@ def test_no_op_block_costs_nothing():
 @pytest.mark.parametrize("arch", [LLAMA_8B, tiny_arch(tied=True), mixed_arch()], ids=["8b", "tied", "mixed"])
 def test_memory_accounting_matches_parameter_counts(arch):
     for i, block in enumerate(arch.blocks):
-        assert cost(block).params == arch.block_params(i) if arch is LLAMA_8B else True
         assert block_cost(arch, block, H100, SC).params == arch.block_params(i)
     assert weight_bytes(arch, "fp32") == arch.num_params() * 4
     assert weight_bytes(arch, "bf16") == arch.num_params() * 2
