@@ -310,11 +310,12 @@ class Transformer(nn.Module):
         return self.lm_head(self.model.norm(x))[:, -1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                use_cache: bool = False, last_only: bool = False) -> torch.Tensor:
+                use_cache: bool = False, last_only: bool = False, return_hidden: bool = False):
         x = self.hidden(input_ids, attention_mask, use_cache)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(x)
+        logits = self.lm_head(x)
+        return (logits, x) if return_hidden else logits
 
     # ------------------------------------------------------------------ facts
     def num_params(self) -> int:

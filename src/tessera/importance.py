@@ -1,0 +1,201 @@
+"""Activation-based importance (Minitron) from forward passes on calibration text.
+
+Per layer, hooks record:
+* attention heads: the norm of each head's output (the o_proj input slice of that head);
+* MLP neurons: |activation| of each intermediate neuron (the down_proj input);
+* embedding channels: |value| of each channel at every layernorm output, summed over layers;
+* layers: Block Importance BI = 1 - cos(block input, block output), averaged over tokens.
+Each score is reduced over the sequence, then over the batch; the default (Minitron's best) is the L2 norm
+over the batch of the mean over the sequence. `drop_layer_scores` adds the LM-loss / KL increase when one
+layer is skipped. Scores are plain tensors, saved with safetensors, so one pass serves many pruning targets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from tessera.errors import TesseraError
+from tessera.model import Attention, SwiGLU, Transformer
+
+REDUCERS = {
+    "mean": lambda x, dim: x.mean(dim),
+    "l2": lambda x, dim: x.pow(2).sum(dim).sqrt(),
+    "max": lambda x, dim: x.amax(dim),
+}
+
+
+@dataclass
+class Importance:
+    heads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n_heads,)
+    neurons: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (intermediate,)
+    channels: torch.Tensor | None = None  # (hidden,)
+    block_importance: torch.Tensor | None = None  # (layers,) 1 - cos
+    drop_loss: torch.Tensor | None = None  # (layers,) LM-loss increase when the layer is skipped
+    meta: dict = field(default_factory=dict)
+
+    def kv_groups(self, layer: int, n_kv: int) -> torch.Tensor:
+        """A KV group's importance is the sum of its query heads' scores."""
+        return self.heads[layer].view(n_kv, -1).sum(-1)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tensors = {f"heads.{i}": t.contiguous() for i, t in self.heads.items()}
+        tensors |= {f"neurons.{i}": t.contiguous() for i, t in self.neurons.items()}
+        for name in ("channels", "block_importance", "drop_loss"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name).contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"meta": json.dumps(self.meta, sort_keys=True)})
+        tmp.replace(path)
+        return path
+
+    @staticmethod
+    def load(path: str | Path) -> Importance:
+        path = Path(path)
+        if not path.is_file():
+            raise TesseraError(f"{path}: no importance file; compute one with `tessera importance`")
+        from safetensors import safe_open
+
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
+        imp = Importance(meta=meta)
+        for key, t in tensors.items():
+            kind, _, idx = key.partition(".")
+            if kind in ("heads", "neurons"):
+                getattr(imp, kind)[int(idx)] = t
+            else:
+                setattr(imp, kind, t)
+        return imp
+
+
+@torch.inference_mode()
+def activation_importance(model: Transformer, chunks: torch.Tensor, *, batch_size: int = 8, seq_agg: str = "mean",
+                          batch_agg: str = "l2", with_drop_loss: bool = False) -> Importance:
+    """Minitron importance of heads, neurons, embedding channels and layers from `chunks` (N, L) of token ids."""
+    if seq_agg not in REDUCERS or batch_agg not in REDUCERS:
+        raise TesseraError(f"aggregation must be one of {', '.join(REDUCERS)}")
+    if len(chunks) == 0:
+        raise TesseraError("no calibration data: give a longer text or a smaller --seq-len")
+    per_sample: dict[str, list[torch.Tensor]] = defaultdict(list)  # name -> list of (B, dim) sequence-reduced
+    bi_sum = torch.zeros(model.arch.num_layers, dtype=torch.float64)
+    seq_reduce = REDUCERS[seq_agg]
+    hooks = []
+    for i, block in enumerate(model.model.layers):
+        if isinstance(block.self_attn, Attention):
+            att = block.self_attn
+
+            def head_hook(_m, args, i=i, att=att):
+                x = args[0].float()  # (B, T, H*D)
+                per_head = x.view(*x.shape[:2], att.n_heads, att.head_dim).norm(dim=-1)  # (B, T, H)
+                per_sample[f"heads.{i}"].append(seq_reduce(per_head, 1))
+
+            hooks.append(att.o_proj.register_forward_pre_hook(head_hook))
+        if isinstance(block.mlp, SwiGLU):
+            hooks.append(block.mlp.down_proj.register_forward_pre_hook(
+                lambda _m, args, i=i: per_sample[f"neurons.{i}"].append(seq_reduce(args[0].float().abs(), 1))))
+        for norm in (block.input_layernorm, block.post_attention_layernorm):
+            if norm is not None:
+                hooks.append(norm.register_forward_hook(
+                    lambda _m, _a, out: per_sample["channels"].append(seq_reduce(out.float().abs(), 1))))
+    try:
+        for start in range(0, len(chunks), batch_size):
+            ids = chunks[start:start + batch_size].to(model.device)
+            _, states = model.hidden(ids, output_hidden_states=True)
+            for i in range(model.arch.num_layers):
+                cos = F.cosine_similarity(states[i].float(), states[i + 1].float(), dim=-1)  # (B, T)
+                bi_sum[i] += (1 - cos).double().sum()
+    finally:
+        for h in hooks:
+            h.remove()
+    batch_reduce = REDUCERS[batch_agg]
+    imp = Importance(meta={"seq_agg": seq_agg, "batch_agg": batch_agg, "samples": len(chunks),
+                           "seq_len": chunks.shape[1], "method": "activation"})
+    n_norms = sum((b.input_layernorm is not None) + (b.post_attention_layernorm is not None) for b in model.model.layers)
+    for name, parts in per_sample.items():
+        stacked = torch.cat(parts)  # (N, dim) or, for channels, (N * n_norms, dim)
+        if name == "channels":
+            stacked = stacked.view(-1, n_norms, stacked.shape[-1]).sum(1)
+            imp.channels = batch_reduce(stacked, 0)
+        else:
+            kind, idx = name.split(".")
+            getattr(imp, kind)[int(idx)] = batch_reduce(stacked, 0)
+    imp.block_importance = (bi_sum / chunks.numel()).float()
+    if with_drop_loss:
+        imp.drop_loss = drop_layer_scores(model, chunks[: max(1, min(len(chunks), 4))], batch_size)
+    return imp
+
+
+@torch.inference_mode()
+def lm_loss(model: Transformer, chunks: torch.Tensor, batch_size: int = 8, skip: int | None = None) -> float:
+    """Mean next-token cross-entropy; `skip` runs the model with that layer removed (an identity)."""
+    layers = model.model.layers
+    saved = None
+    if skip is not None:
+        saved = layers[skip]
+        layers[skip] = _Identity()
+    try:
+        total, count = 0.0, 0
+        for start in range(0, len(chunks), batch_size):
+            ids = chunks[start:start + batch_size].to(model.device)
+            logits = model(ids)[:, :-1].float()
+            total += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+            count += ids[:, 1:].numel()
+    finally:
+        if saved is not None:
+            layers[skip] = saved
+    return total / count
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, x, *_args):
+        return x
+
+
+def drop_layer_scores(model: Transformer, chunks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """LM-loss increase when each layer alone is skipped (higher = more important)."""
+    base = lm_loss(model, chunks, batch_size)
+    return torch.tensor([lm_loss(model, chunks, batch_size, skip=i) - base for i in range(model.arch.num_layers)])
+
+
+def magnitude_importance(model: Transformer) -> Importance:
+    """Baseline: weight norms instead of activations (no data needed)."""
+    imp = Importance(meta={"method": "magnitude"})
+    channels = torch.zeros(model.arch.hidden_size)
+    for i, block in enumerate(model.model.layers):
+        if isinstance(block.self_attn, Attention):
+            att = block.self_attn
+            o = att.o_proj.weight.detach().float().view(-1, att.n_heads, att.head_dim)  # (h, H, D)
+            imp.heads[i] = o.norm(dim=(0, 2))
+        if isinstance(block.mlp, SwiGLU):
+            mlp = block.mlp
+            imp.neurons[i] = (mlp.gate_proj.weight.float().norm(dim=1) * mlp.up_proj.weight.float().norm(dim=1)
+                              * mlp.down_proj.weight.float().norm(dim=0))
+        for norm in (block.input_layernorm, block.post_attention_layernorm):
+            if norm is not None:
+                channels += norm.weight.detach().float().abs()
+    imp.channels = channels + model.model.embed_tokens.weight.detach().float().norm(dim=0)
+    imp.block_importance = torch.tensor([float(model.arch.block_params(i)) for i in range(model.arch.num_layers)])
+    return imp
+
+
+def random_importance(model: Transformer, seed: int = 0) -> Importance:
+    """Baseline: random scores of the right shapes."""
+    g = torch.Generator().manual_seed(seed)
+    imp = Importance(meta={"method": "random", "seed": seed})
+    for i, block in enumerate(model.model.layers):
+        if isinstance(block.self_attn, Attention):
+            imp.heads[i] = torch.rand(block.self_attn.n_heads, generator=g)
+        if isinstance(block.mlp, SwiGLU):
+            imp.neurons[i] = torch.rand(block.mlp.gate_proj.out_features, generator=g)
+    imp.channels = torch.rand(model.arch.hidden_size, generator=g)
+    imp.block_importance = torch.rand(model.arch.num_layers, generator=g)
+    return imp

@@ -1,0 +1,35 @@
+"""Run by tests/test_minitron.py under torchrun: distil a tiny student with DDP (gloo) and save its weights."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import random_model, tiny_arch  # noqa: E402
+from tessera.distill import DistillConfig, distill  # noqa: E402
+from tessera.importance import random_importance  # noqa: E402
+from tessera.prune import PruneTarget, prune  # noqa: E402
+
+CFG = DistillConfig(tokens=16 * 8 * 4, seq_len=16, batch=8, lr=1e-2, warmup_steps=1, eval_every=100,
+                    ckpt_every=100)
+
+
+def make():
+    teacher = random_model(tiny_arch(layers=2))
+    student = prune(teacher, random_importance(teacher), PruneTarget(ffn=32))
+    chunks = torch.randint(0, 96, (32, 16), generator=torch.Generator().manual_seed(7))
+    return teacher, student, chunks
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    teacher, student, chunks = make()
+    student, _ = distill(teacher, student, chunks, CFG, progress=False)
+    if dist.get_rank() == 0:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in student.state_dict().items()}, sys.argv[1])
+    dist.destroy_process_group()
