@@ -1,0 +1,100 @@
+"""Minitron on the default parent: prune to ~60% of non-embedding parameters with activation importance,
+magnitude and random scores (same target shape) and ShortGPT depth pruning (same parameter budget), then
+distil each with the same token budget; report held-out KLD to the parent and accuracy preserved, before and
+after distillation.
+
+    .venv/bin/python benchmarks/minitron.py [--fraction 0.6] [--tokens 32768] [--limit 100] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+import tessera
+from tessera.data import load_chunks
+from tessera.distill import DistillConfig, distill
+from tessera.evaluate import accuracy_preserved, evaluate_tasks, mean_kld, parent_logits_for
+from tessera.importance import activation_importance, magnitude_importance, random_importance
+from tessera.prune import prune, search_target, shortgpt
+
+TASKS = ["arc_easy", "winogrande", "lambada"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--fraction", type=float, default=0.6, help="of the parent's non-embedding parameters")
+    ap.add_argument("--tokens", type=int, default=32768, help="distillation budget per student")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--calib", type=int, default=64, help="calibration sequences for importance")
+    ap.add_argument("--limit", type=int, default=100, help="items per accuracy task")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None, help="save students and results here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    parent = tessera.load("default")
+    data = load_chunks(parent.tokenizer, seq_len=args.seq_len, max_tokens=600_000, heldout_fraction=0.05)
+    held = data.heldout[:16]
+    calib, train = data.train[: args.calib], data.train[args.calib:]
+    print(f"corpus: {len(data.train)} train / {len(data.heldout)} held-out chunks of {args.seq_len}; "
+          f"KLD on {held.numel():,} held-out tokens; distillation budget {args.tokens:,} tokens per student")
+    parent_ref = parent_logits_for(parent, held)
+    parent_acc = evaluate_tasks(parent, TASKS, limit=args.limit, progress=False)
+
+    act = activation_importance(parent, calib, with_drop_loss=False)
+    target, report = search_target(parent, act, args.fraction, held[:4])
+    print("width/depth search (held-out KLD before distillation):")
+    for r in report:
+        print(f"  {r['target']} -> {r['params'] / parent.arch.non_embedding_params():.1%} params, KLD {r['kld']:.4f}")
+    n_layers = round(parent.arch.num_layers * args.fraction)
+    students = {
+        "activation": prune(parent, act, target),
+        "magnitude": prune(parent, magnitude_importance(parent), target),
+        "random": prune(parent, random_importance(parent, seed=0), target),
+        f"shortgpt ({n_layers} layers)": shortgpt(parent, act, n_layers),
+    }
+    cfg = DistillConfig(tokens=args.tokens, seq_len=args.seq_len, batch=args.batch, lr=args.lr, warmup_steps=2,
+                        eval_every=10**9, ckpt_every=10**9)
+    rows = []
+    for name, student in students.items():
+        frac = student.arch.non_embedding_params() / parent.arch.non_embedding_params()
+        before_kld = mean_kld(parent, student, held, parent_logits=parent_ref).kld
+        before = accuracy_preserved(evaluate_tasks(student, TASKS, limit=args.limit, progress=False, use_cache=False),
+                                    parent_acc)["average"]["preserved"]
+        t0 = time.perf_counter()
+        student, log = distill(parent, student, train, cfg, progress=False)
+        secs = time.perf_counter() - t0
+        after_kld = mean_kld(parent, student, held, parent_logits=parent_ref).kld
+        after_acc = evaluate_tasks(student, TASKS, limit=args.limit, progress=False, use_cache=False)
+        table = accuracy_preserved(after_acc, parent_acc)
+        rows.append({"method": name, "non_embedding_fraction": frac, "kld_before": before_kld, "kld_after": after_kld,
+                     "preserved_before": before, "preserved_after": table["average"]["preserved"],
+                     "distill_seconds": secs, "per_task_after": table["rows"]})
+        print(f"{name:>22}: {frac:.1%} params, KLD {before_kld:.3f} -> {after_kld:.3f}, accuracy preserved "
+              f"{before:.1%} -> {table['average']['preserved']:.1%} ({secs:.0f} s distillation)", flush=True)
+        if args.out:
+            tessera.save(student, args.out / name.split()[0], force=True)
+    shown = (("arc_easy", "acc_norm"), ("winogrande", "acc"), ("lambada", "acc"))
+    print(f"\nparent accuracy (limit {args.limit}): " + ", ".join(f"{t} {100 * parent_acc[t][m]:.1f}" for t, m in shown))
+    print("\n| method | non-emb params | KLD before | KLD after | acc. preserved before | after |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['method']} | {r['non_embedding_fraction']:.1%} | {r['kld_before']:.3f} | {r['kld_after']:.3f} | "
+              f"{r['preserved_before']:.1%} | {r['preserved_after']:.1%} |")
+    print(f"\ntarget {asdict(target)}; distillation {cfg.steps} steps x {cfg.tokens_per_step} tokens, lr {cfg.lr}; "
+          f"total {time.perf_counter() - t_start:.0f} s")
+    if args.out:
+        (args.out / "results.json").write_text(json.dumps({"rows": rows, "parent": parent_acc}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
