@@ -42,8 +42,9 @@ def _sync(device: torch.device) -> None:
 
 @torch.inference_mode()
 def run_once(model: Transformer, batch: int, scenario: Scenario, generator: torch.Generator | None = None,
-             decode=None) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) of one generation; `decode` replaces model.decode_step (e.g. compiled)."""
+             decode=None, make_decode=None) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one generation. `decode` replaces model.decode_step (e.g. compiled);
+    `make_decode(model)` builds one after the cache exists (e.g. a CUDA graph, captured outside the timing)."""
     device = model.device
     ids = torch.randint(0, model.arch.vocab_size, (batch, scenario.input_len), generator=generator).to(device)
     model.setup_cache(batch, scenario.input_len + scenario.output_len)
@@ -54,6 +55,10 @@ def run_once(model: Transformer, batch: int, scenario: Scenario, generator: torc
         token = model(ids, use_cache=True, last_only=True)[:, -1].argmax(-1, keepdim=True)
         _sync(device)
         t1 = time.perf_counter()
+        if make_decode is not None:
+            step = make_decode(model)
+            _sync(device)
+            t1 = time.perf_counter()
         for _ in range(scenario.output_len):
             token = step(token).argmax(-1, keepdim=True)
         _sync(device)
@@ -64,19 +69,23 @@ def run_once(model: Transformer, batch: int, scenario: Scenario, generator: torc
 
 
 def bench(model: Transformer, scenarios: list[Scenario], batch_sizes: list[int], *, reps: int = 3, warmup: int = 1,
-          seed: int = 0, compile: bool = False, progress=None) -> list[BenchResult]:
-    decode = None
+          seed: int = 0, compile: bool = False, cuda_graphs: bool = False, progress=None) -> list[BenchResult]:
+    decode = make = None
     if compile:
         from tessera.generate import compiled_decode_step
 
         decode = compiled_decode_step(model)
+    if cuda_graphs:
+        from tessera.generate import CudaGraphDecode
+
+        make = CudaGraphDecode
     gen = torch.Generator().manual_seed(seed)
     results = []
     for scenario in scenarios:
         for batch in batch_sizes:
             for _ in range(warmup):  # same shapes as the timed runs, so a compiled step is compiled here
-                run_once(model, batch, scenario, gen, decode)
-            runs = [run_once(model, batch, scenario, gen, decode) for _ in range(reps)]
+                run_once(model, batch, scenario, gen, decode, make)
+            runs = [run_once(model, batch, scenario, gen, decode, make) for _ in range(reps)]
             pre = statistics.median(r[0] for r in runs)
             dec = statistics.median(r[1] for r in runs)
             e2e = statistics.median(r[0] + r[1] for r in runs)

@@ -411,6 +411,7 @@ def bench(model: str = typer.Argument(..., help="'default', a model directory or
           device: str = typer.Option("cpu", help="cpu | cuda"),
           dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default: float32 on cpu, bf16 on cuda)"),
           reps: int = typer.Option(3, min=1), compile: bool = typer.Option(False, help="torch.compile the decode step"),
+          cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="replay the decode step as a CUDA graph"),
           as_json: bool = typer.Option(False, "--json")):
     """Measured prefill / decode / end-to-end tokens/s over the KV cache, per serving scenario and batch."""
     import torch
@@ -424,7 +425,9 @@ def bench(model: str = typer.Argument(..., help="'default', a model directory or
     scen = [Scenario.parse(x.strip()) for x in scenarios.split(",") if x.strip()]
     sizes = _int_list(batch_sizes, "--batch-sizes")
     m = load(model, dtype=dtype or ("bfloat16" if device == "cuda" else None), device=device, with_tokenizer=False)
-    results = run_bench(m, scen, sizes, reps=reps, compile=compile,
+    if cuda_graphs and device != "cuda":
+        raise TesseraError("--cuda-graphs needs --device cuda")
+    results = run_bench(m, scen, sizes, reps=reps, compile=compile, cuda_graphs=cuda_graphs,
                         progress=None if as_json else lambda r: err_console.print(f"  {r.scenario} batch {r.batch} done"))
     if as_json:
         typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
