@@ -158,15 +158,28 @@ def convert(src: str = typer.Argument(..., help="'default', a model directory or
 @app.command()
 @friendly
 def demo(model: str = typer.Argument("default"),
-         prompt: str = typer.Option("The capital of France is", "--prompt", "-p")):
-    """Load a model, print its architecture summary and a short greedy completion."""
+         prompt: str = typer.Option("The capital of France is", "--prompt", "-p"),
+         eval_limit: int = typer.Option(50, "--eval-limit", help="items per quick task (0 skips the evaluation)"),
+         gpu: str = typer.Option("h100", "--gpu", help="hardware for the throughput prediction")):
+    """The main job until the pipeline lands: architecture, a completion, a quick evaluation, predicted speed."""
     from tessera.checkpoint import load
+    from tessera.cost import Scenario, predict
     from tessera.generate import generate_text
+    from tessera.hardware import get_hardware
 
     m = load(model)
     print_inspect(m.arch, model)
     console.print(f"[bold]prompt:[/] {prompt}")
     console.print(f"[bold]completion:[/] {prompt}{generate_text(m, prompt, 24)}")
+    if eval_limit:
+        from tessera.evaluate import evaluate_tasks
+        from tessera.evaluate.table import rich_results_table
+
+        results = evaluate_tasks(m, ["arc_easy", "winogrande"], limit=eval_limit)
+        console.print(rich_results_table(results, title=f"quick evaluation (first {eval_limit} items)"))
+    for scenario in ("128/1024", "2048/128"):
+        p = predict(m.arch, get_hardware(gpu), Scenario.parse(scenario))
+        console.print(f"predicted on one {gpu}, bf16, {scenario}: {p.output_tokens_per_s:,.0f} output tok/s at batch {p.batch}")
 
 
 # ---------------------------------------------------------------- evaluation commands (issue 4)
