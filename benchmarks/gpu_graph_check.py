@@ -8,7 +8,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from cost_model import children  # noqa: E402
 from gpu_check import SMOLLM2, random_model  # noqa: E402
-
 from tessera.generate import CudaGraphDecode  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False

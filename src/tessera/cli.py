@@ -179,7 +179,8 @@ def demo(model: str = typer.Argument("default"),
         console.print(rich_results_table(results, title=f"quick evaluation (first {eval_limit} items)"))
     for scenario in ("128/1024", "2048/128"):
         p = predict(m.arch, get_hardware(gpu), Scenario.parse(scenario))
-        console.print(f"predicted on one {gpu}, bf16, {scenario}: {p.output_tokens_per_s:,.0f} output tok/s at batch {p.batch}")
+        console.print(f"predicted on one {gpu}, bf16, {scenario}: {p.output_tokens_per_s:,.0f} output tok/s "
+                      f"at batch {p.batch}")
 
 
 # ---------------------------------------------------------------- evaluation commands (issue 4)
