@@ -38,25 +38,35 @@ def default_corpus() -> Path:
     return path
 
 
+def read_jsonl(path: Path, required: dict[str, type], missing: str = "file not found; pass an existing file"):
+    """(line number, row) of each non-blank line; one clear error naming file and line for any bad row."""
+    if not path.is_file():
+        raise TesseraError(f"{path}: {missing}")
+    n = 0
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TesseraError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove the line") from None
+            for key, typ in required.items():
+                if not isinstance(row, dict) or not isinstance(row.get(key), typ):
+                    raise TesseraError(f"{path}:{lineno}: row needs '{key}' of type {typ.__name__}; fix the row")
+            n += 1
+            yield lineno, row
+    if n == 0:
+        raise TesseraError(f"{path}: data file is empty; it needs one JSON object per line")
+
+
 def read_text(path: str | Path) -> str:
     """All text of a plain-text file, or the `text` fields of a JSONL file, joined by blank lines."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise TesseraError(f"{path}: no such data file; pass a text or JSONL file")
     if path.suffix == ".jsonl":
-        parts = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise TesseraError(f"{path}:{lineno}: invalid JSON ({exc.msg}); one object per line") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise TesseraError(f"{path}:{lineno}: row has no string 'text' field; give {{\"text\": ...}}")
-                parts.append(row["text"])
-        text = "\n\n".join(parts)
+        text = "\n\n".join(row["text"] for _, row in read_jsonl(path, {"text": str}))
     else:
         text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():

@@ -16,12 +16,12 @@ Custom tasks: a JSONL file of {"context": str, "choices": [str, ...], "gold": in
 from __future__ import annotations
 
 import csv
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tessera import data
 from tessera.errors import TesseraError
 
 PROMPT_VERSION = 1  # bump when any prompt changes: it is part of the results-cache key
@@ -63,31 +63,12 @@ def bench_dir(data_dir: str | Path | None = None) -> Path:
         return Path(data_dir).expanduser()
     if os.environ.get("TESSERA_BENCH_DIR"):
         return Path(os.environ["TESSERA_BENCH_DIR"]).expanduser()
-    from tessera.data import shared_dir
-
-    return shared_dir() / "data" / "bench"
+    return data.shared_dir() / "data" / "bench"
 
 
 # ---------------------------------------------------------------------------- readers
 def read_jsonl(path: Path, required: dict[str, type]) -> Iterator[tuple[int, dict]]:
-    if not path.is_file():
-        raise TesseraError(f"{path}: task data file not found; pass --data-dir or set TESSERA_BENCH_DIR")
-    n = 0
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TesseraError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix or remove the line") from None
-            for key, typ in required.items():
-                if not isinstance(row, dict) or not isinstance(row.get(key), typ):
-                    raise TesseraError(f"{path}:{lineno}: row needs '{key}' of type {typ.__name__}; fix the row")
-            n += 1
-            yield lineno, row
-    if n == 0:
-        raise TesseraError(f"{path}: data file is empty; it needs one JSON object per line")
+    return data.read_jsonl(path, required, missing="task data file not found; pass --data-dir or set TESSERA_BENCH_DIR")
 
 
 def read_csv(path: Path, columns: list[str]) -> Iterator[tuple[int, dict]]:
