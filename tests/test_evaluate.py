@@ -221,3 +221,22 @@ def test_real_tasks_load_and_score(shared_dir, planted):
     assert results["arc_easy"]["n"] == 3 and 0.0 <= results["arc_easy"]["acc_norm"] <= 1.0
     assert "acc_norm" not in results["winogrande"] and results["mmlu"]["acc_macro"] is not None
     assert len(results["mmlu"]["groups"]) == 3  # subjects are interleaved: 3 items, 3 subjects
+
+
+@pytest.mark.integration
+def test_default_parent_real_prompts_shared_equals_full_forward(default_parent, shared_dir):
+    """On the real tokenizer (BPE merges at the boundary) and real prompts, the KV-cache fork path, the batched
+    pair path and one plain forward pass over context+continuation give the same loglikelihoods."""
+    from tessera.evaluate.tasks import TASKS, load_items
+
+    scorer = Scorer(default_parent, batch_size=4)
+    root = shared_dir / "data" / "bench"
+    for task in ("arc_easy", "mmlu"):
+        item = load_items(TASKS[task], root, limit=1)[0]
+        shared = scorer.score_shared(item.contexts[0], item.continuations)
+        pairs = scorer.score_pairs(list(zip(item.contexts, item.continuations)))
+        for cont, s, p in zip(item.continuations, shared, pairs):
+            ctx_ids, cont_ids = scorer.split(item.contexts[0], cont)
+            assert ctx_ids + cont_ids == scorer.encode(item.contexts[0] + cont)  # the boundary matches lm-eval's
+            ref = brute_loglik(default_parent, ctx_ids, cont_ids)
+            assert s.loglik == pytest.approx(ref, abs=2e-3) and p.loglik == pytest.approx(ref, abs=2e-3)
