@@ -76,6 +76,9 @@ def test_acc_norm_divides_by_continuation_characters():
     item = Item(("q",) * 2, (" ab", " a much longer answer"), 1)
     scores = [Score(-6.0, False, 1), Score(-10.0, False, 5)]  # -2.0/char vs -0.48/char
     assert item_outcome(item, scores) == {"acc": 0.0, "acc_norm": 1.0}
+    # lm-eval divides by len(choice) without the joining space: -4/2 < -5.5/3, though -4/3 > -5.5/4
+    close = Item(("q",) * 2, (" ab", " abc"), 1)
+    assert item_outcome(close, [Score(-4.0, False, 1), Score(-5.5, False, 1)]) == {"acc": 0.0, "acc_norm": 1.0}
 
 
 def test_truthfulqa_mc1_and_mc2():

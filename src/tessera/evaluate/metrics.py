@@ -1,8 +1,8 @@
 """Per-item outcomes and their aggregation, with lm-eval-harness conventions.
 
 * acc: argmax of the summed continuation loglikelihoods is the gold choice.
-* acc_norm: argmax of loglikelihood divided by the continuation's length in characters (lm-eval's
-  `completion_len`), which removes the bias towards short answers.
+* acc_norm: argmax of loglikelihood divided by the choice's length in characters (lm-eval's `completion_len`:
+  the choice text without the " " that joins it to the context), which removes the bias towards short answers.
 * truthfulqa mc1: acc with the best answer as choice 0; mc2: normalised probability mass on true answers.
 * lambada: acc = the continuation is the greedy completion; perplexity = exp(-mean loglikelihood).
 * Standard error of a mean: sample standard deviation / sqrt(n) (lm-eval's `mean_stderr`).
@@ -23,10 +23,15 @@ def argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda i: values[i])
 
 
+def choice_chars(continuation: str) -> int:
+    """lm-eval's acc_norm length: characters of the choice, not counting the single joining space."""
+    return max(len(continuation) - continuation.startswith(" "), 1)
+
+
 def item_outcome(item: Item, scores: Sequence[Score]) -> dict[str, float]:
     ll = [s.loglik for s in scores]
     if item.kind == "mc":
-        norm = [s.loglik / max(len(c), 1) for s, c in zip(scores, item.continuations)]
+        norm = [s.loglik / choice_chars(c) for s, c in zip(scores, item.continuations)]
         return {"acc": float(argmax(ll) == item.gold), "acc_norm": float(argmax(norm) == item.gold)}
     if item.kind == "mc1":
         return {"acc": float(argmax(ll) == 0)}

@@ -1,6 +1,6 @@
 """Run tasks on a model: score items, aggregate metrics, cache results by model content hash.
 
-Results are cached under `$TESSERA_HOME/eval-cache/<fingerprint>/` keyed by task, limit and prompt version,
+Results are cached under `$TESSERA_HOME/eval-cache/<fingerprint>/` keyed by task, limit and the task's version,
 so the parent is evaluated once per machine however many children are compared with it.
 """
 
@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tessera.evaluate.metrics import aggregate, extract_number, item_outcome
 from tessera.evaluate.scoring import Scorer
-from tessera.evaluate.tasks import PROMPT_VERSION, Item, Task, bench_dir, get_task, load_items
+from tessera.evaluate.tasks import Item, Task, bench_dir, get_task, load_items
 from tessera.model import Transformer
 
 PAIR_CHUNK = 64  # items whose pairs are batched together on the full-sequence path
@@ -27,7 +27,7 @@ def cache_path(fingerprint: str, task: Task, limit: int | None, data_dir: Path) 
     from tessera.checkpoint import tessera_home
 
     where = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:8]  # different data, different entry
-    tag = f"{task.name}-limit{limit or 'all'}-v{PROMPT_VERSION}-{where}"
+    tag = f"{task.name}-limit{limit or 'all'}-v{task.version}-{where}"
     return tessera_home() / "eval-cache" / fingerprint / f"{tag}.json"
 
 

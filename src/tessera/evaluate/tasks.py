@@ -24,8 +24,6 @@ from pathlib import Path
 from tessera import data
 from tessera.errors import TesseraError
 
-PROMPT_VERSION = 1  # bump when any prompt changes: it is part of the results-cache key
-
 DEFAULT_TASKS = ["arc_easy", "arc_challenge", "winogrande", "openbookqa", "boolq", "lambada", "mmlu",
                  "truthfulqa_mc1", "truthfulqa_mc2"]
 
@@ -55,6 +53,9 @@ class Task:
     default_limit: int | None = None
     generative: bool = False
     files: tuple[str, ...] = field(default=())
+    # Bump when this task's prompt or metrics change: it is part of the results-cache key.
+    # v2: acc_norm divides by the choice's length without its joining space, as lm-eval does.
+    version: int = 1
 
 
 def bench_dir(data_dir: str | Path | None = None) -> Path:
@@ -234,9 +235,9 @@ def load_custom(path: Path) -> Iterator[Item]:
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("arc_easy", load_arc("arc_easy"), ("acc", "acc_norm"), "acc_norm"),
-        Task("arc_challenge", load_arc("arc_challenge"), ("acc", "acc_norm"), "acc_norm"),
-        Task("openbookqa", load_openbookqa, ("acc", "acc_norm"), "acc_norm"),
+        Task("arc_easy", load_arc("arc_easy"), ("acc", "acc_norm"), "acc_norm", version=2),
+        Task("arc_challenge", load_arc("arc_challenge"), ("acc", "acc_norm"), "acc_norm", version=2),
+        Task("openbookqa", load_openbookqa, ("acc", "acc_norm"), "acc_norm", version=2),
         Task("boolq", load_boolq, ("acc",), "acc"),
         Task("winogrande", load_winogrande, ("acc",), "acc"),
         Task("lambada", load_lambada, ("acc", "perplexity"), "acc"),
@@ -256,7 +257,7 @@ def get_task(name: str) -> Task:
     if path.suffix == ".jsonl":
         if not path.is_file():
             raise TesseraError(f"{path}: custom task file not found")
-        return Task(path.stem, lambda _root, p=path: load_custom(p), ("acc", "acc_norm"), "acc")
+        return Task(path.stem, lambda _root, p=path: load_custom(p), ("acc", "acc_norm"), "acc", version=2)
     raise TesseraError(f"unknown task {name!r}; choose from {', '.join(TASKS)} or give a custom .jsonl file")
 
 
