@@ -1,4 +1,4 @@
-"""Run by tests/test_minitron.py under torchrun: distil a tiny student with DDP (gloo) and save its weights."""
+"""Run by tests/test_distill.py under torchrun: distil a tiny student with DDP (gloo) and save its weights."""
 
 import sys
 from pathlib import Path

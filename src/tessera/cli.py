@@ -324,7 +324,7 @@ def prune_cmd(model: str = typer.Argument(...), out: Path = typer.Option(..., "-
               kv_heads: int = typer.Option(None, "--kv-heads", help="KV heads per layer (groups merged)"),
               layers: int = typer.Option(None, help="keep this many layers (drop the least important)"),
               drop_layers: str = typer.Option(None, "--drop-layers", help="e.g. 16-31"),
-              layer_metric: str = typer.Option("bi", "--layer-metric", help="bi (ShortGPT) | drop_loss"),
+              layer_metric: str = typer.Option("bi", "--layer-metric", help="bi (ShortGPT) | drop_loss | drop_kl"),
               target_params: float = typer.Option(None, "--target-params",
                                                   help="fraction of non-embedding parameters; searches width/depth"),
               method: str = typer.Option("activation", help="importance: activation | magnitude | random"),

@@ -6,8 +6,9 @@ Per layer, hooks record:
 * embedding channels: |value| of each channel at every layernorm output, summed over layers;
 * layers: Block Importance BI = 1 - cos(block input, block output), averaged over tokens.
 Each score is reduced over the sequence, then over the batch; the default (Minitron's best) is the L2 norm
-over the batch of the mean over the sequence. `drop_layer_scores` adds the LM-loss / KL increase when one
-layer is skipped. Scores are plain tensors, saved with safetensors, so one pass serves many pruning targets.
+over the batch of the mean over the sequence. `drop_layer_scores` adds the LM-loss increase and the KL to the
+full model when one layer is skipped. Scores are plain tensors, saved with safetensors, so one pass serves many
+pruning targets.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Importance:
     channels: torch.Tensor | None = None  # (hidden,)
     block_importance: torch.Tensor | None = None  # (layers,) 1 - cos
     drop_loss: torch.Tensor | None = None  # (layers,) LM-loss increase when the layer is skipped
+    drop_kl: torch.Tensor | None = None  # (layers,) KL(full model || model without the layer), per token
     meta: dict = field(default_factory=dict)
 
     def kv_groups(self, layer: int, n_kv: int) -> torch.Tensor:
@@ -48,7 +50,7 @@ class Importance:
         path = Path(path)
         tensors = {f"heads.{i}": t.contiguous() for i, t in self.heads.items()}
         tensors |= {f"neurons.{i}": t.contiguous() for i, t in self.neurons.items()}
-        for name in ("channels", "block_importance", "drop_loss"):
+        for name in ("channels", "block_importance", "drop_loss", "drop_kl"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name).contiguous()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -130,29 +132,34 @@ def activation_importance(model: Transformer, chunks: torch.Tensor, *, batch_siz
             getattr(imp, kind)[int(idx)] = batch_reduce(stacked, 0)
     imp.block_importance = (bi_sum / chunks.numel()).float()
     if with_drop_loss:
-        imp.drop_loss = drop_layer_scores(model, chunks[: max(1, min(len(chunks), 4))], batch_size)
+        imp.drop_loss, imp.drop_kl = drop_layer_scores(model, chunks[: max(1, min(len(chunks), 4))], batch_size)
     return imp
 
 
 @torch.inference_mode()
-def lm_loss(model: Transformer, chunks: torch.Tensor, batch_size: int = 8, skip: int | None = None) -> float:
-    """Mean next-token cross-entropy; `skip` runs the model with that layer removed (an identity)."""
+def lm_loss(model: Transformer, chunks: torch.Tensor, batch_size: int = 8, skip: int | None = None,
+            reference: list[torch.Tensor] | None = None) -> tuple[float, float]:
+    """Mean next-token cross-entropy and, given the full model's log-probs `reference` (one tensor per batch),
+    the mean per-token KL(reference || model); `skip` runs the model with that layer replaced by an identity."""
     layers = model.model.layers
     saved = None
     if skip is not None:
         saved = layers[skip]
         layers[skip] = _Identity()
     try:
-        total, count = 0.0, 0
-        for start in range(0, len(chunks), batch_size):
+        total, kl, count = 0.0, 0.0, 0
+        for b, start in enumerate(range(0, len(chunks), batch_size)):
             ids = chunks[start:start + batch_size].to(model.device)
-            logits = model(ids)[:, :-1].float()
-            total += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+            logp = torch.log_softmax(model(ids)[:, :-1].float(), -1)  # (B, T-1, V)
+            total += F.nll_loss(logp.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+            if reference is not None:
+                ref = reference[b]
+                kl += (ref.exp() * (ref - logp)).sum().item()
             count += ids[:, 1:].numel()
     finally:
         if saved is not None:
             layers[skip] = saved
-    return total / count
+    return total / count, kl / count
 
 
 class _Identity(torch.nn.Module):
@@ -160,10 +167,15 @@ class _Identity(torch.nn.Module):
         return x
 
 
-def drop_layer_scores(model: Transformer, chunks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """LM-loss increase when each layer alone is skipped (higher = more important)."""
-    base = lm_loss(model, chunks, batch_size)
-    return torch.tensor([lm_loss(model, chunks, batch_size, skip=i) - base for i in range(model.arch.num_layers)])
+@torch.inference_mode()
+def drop_layer_scores(model: Transformer, chunks: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per layer, the LM-loss increase and the KL to the full model when that layer alone is skipped
+    (higher = more important)."""
+    ref = [torch.log_softmax(model(chunks[s:s + batch_size].to(model.device))[:, :-1].float(), -1)
+           for s in range(0, len(chunks), batch_size)]
+    base, _ = lm_loss(model, chunks, batch_size)
+    scores = [lm_loss(model, chunks, batch_size, skip=i, reference=ref) for i in range(model.arch.num_layers)]
+    return torch.tensor([loss - base for loss, _ in scores]), torch.tensor([kl for _, kl in scores])
 
 
 def magnitude_importance(model: Transformer) -> Importance:

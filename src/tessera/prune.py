@@ -29,7 +29,11 @@ class PruneTarget:
     kv_heads: int | None = None  # KV heads per layer
     drop_layers: tuple[int, ...] = ()  # explicit layer indices to drop
     layers: int | None = None  # or: keep this many layers, dropping the least important
-    layer_metric: str = "bi"  # "bi" (Block Importance, ShortGPT) or "drop_loss"
+    layer_metric: str = "bi"  # a key of LAYER_METRICS
+
+
+# layer ranking metric -> Importance field (low score = dropped first)
+LAYER_METRICS = {"bi": "block_importance", "drop_loss": "drop_loss", "drop_kl": "drop_kl"}
 
 
 def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -44,7 +48,9 @@ def layers_to_drop(model: Transformer, imp: Importance, target: PruneTarget) -> 
     if target.layers is not None:
         if not 1 <= target.layers <= n:
             raise TesseraError(f"--layers {target.layers} must be between 1 and the parent's {n} layers")
-        scores = imp.drop_loss if target.layer_metric == "drop_loss" else imp.block_importance
+        if target.layer_metric not in LAYER_METRICS:
+            raise TesseraError(f"--layer-metric {target.layer_metric!r}: use one of {', '.join(LAYER_METRICS)}")
+        scores = getattr(imp, LAYER_METRICS[target.layer_metric])
         if scores is None:
             raise TesseraError(f"importance has no {target.layer_metric} scores; recompute with layer scores")
         order = [i for i in torch.argsort(scores.float()).tolist() if i not in drop]

@@ -1,0 +1,143 @@
+"""Knowledge distillation: KLD goes down, bit-exact resume, data order and schedule, bad input, DDP, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import random_model, tiny_arch, tiny_tokenizer
+from tessera.distill import DistillConfig, batch_indices, distill, lr_at
+from tessera.errors import TesseraError
+from tessera.importance import random_importance
+from tessera.prune import PruneTarget, prune
+
+
+@pytest.fixture
+def teacher():
+    m = random_model(tiny_arch(layers=4, heads=4, kv_heads=2, ffn=64))
+    m.tokenizer = tiny_tokenizer()
+    return m
+
+
+@pytest.fixture
+def chunks():
+    return torch.randint(0, 96, (24, 16), generator=torch.Generator().manual_seed(0))
+
+
+CFG = DistillConfig(tokens=16 * 8 * 8, seq_len=16, batch=8, lr=5e-3, warmup_steps=2, eval_every=4, ckpt_every=2)
+
+
+def student_of(teacher):
+    return prune(teacher, random_importance(teacher), PruneTarget(ffn=16, hidden=24))
+
+
+def test_distillation_lowers_heldout_kld(teacher, chunks):
+    from tessera.evaluate import mean_kld
+
+    student = student_of(teacher)
+    before = mean_kld(teacher, student, chunks[:4]).kld
+    student, log = distill(teacher, student, chunks[4:], CFG, heldout=chunks[:4], progress=False)
+    assert log[-1]["heldout_kld"] < 0.8 * before and len(log) == CFG.steps == 8
+    assert student.provenance[-1]["stage"] == "distill"
+
+
+def test_resume_after_interruption_is_bit_identical(teacher, chunks, tmp_path):
+    full, _ = distill(teacher, student_of(teacher), chunks, CFG, ckpt_dir=tmp_path / "a", progress=False)
+    distill(teacher, student_of(teacher), chunks, CFG, ckpt_dir=tmp_path / "b", max_steps=3, progress=False)
+    state = json.loads((tmp_path / "b" / "last" / "state.json").read_text())
+    assert state["step"] == 2  # checkpoints every 2 steps: the 3rd step's work is lost, as after a kill
+    resumed, log = distill(teacher, student_of(teacher), chunks, CFG, ckpt_dir=tmp_path / "b", resume=True,
+                           progress=False)
+    assert [e["step"] for e in log] == list(range(1, 9))
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_data_order_and_schedule():
+    assert torch.equal(batch_indices(CFG, 24, 5), batch_indices(CFG, 24, 5))
+    first_epoch = torch.cat([batch_indices(CFG, 24, s) for s in range(3)])
+    assert sorted(first_epoch.tolist()) == list(range(24))
+    assert lr_at(CFG, 0) < lr_at(CFG, 1) == pytest.approx(CFG.lr) and lr_at(CFG, 7) < CFG.lr
+
+
+def test_bad_distillation_inputs(teacher, chunks):
+    other = random_model(tiny_arch(vocab=80))
+    with pytest.raises(TesseraError, match="vocabulary"):
+        distill(teacher, other, chunks, CFG, progress=False)
+    with pytest.raises(TesseraError, match="only 3 training chunks"):
+        distill(teacher, student_of(teacher), chunks[:3], CFG, progress=False)
+    with pytest.raises(TesseraError, match="no checkpoint"):
+        distill(teacher, student_of(teacher), chunks, CFG, resume=True, progress=False)
+    with pytest.raises(TesseraError, match="kl\\+cosine needs equal hidden sizes"):
+        distill(teacher, student_of(teacher), chunks, DistillConfig(loss="kl+cosine"), progress=False)
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_matches_one_process(tmp_path):
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from ddp_distill_worker import CFG as WCFG
+    from ddp_distill_worker import make
+
+    out = tmp_path / "ddp.safetensors"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           str(Path(__file__).parent / "ddp_distill_worker.py"), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    teacher, student, chunks = make()
+    single, _ = distill(teacher, student, chunks, WCFG, progress=False)
+    ddp = load_file(str(out))
+    for name, w in single.state_dict().items():
+        torch.testing.assert_close(ddp[name], w, atol=2e-5, rtol=1e-4)
+    untrained = make()[1].state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(ddp["model.layers.0.mlp.up_proj.weight"], untrained)
+
+
+# ---------------------------------------------------------------------------- CLI
+def cli(*args):
+    from typer.testing import CliRunner
+
+    from tessera.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, needle):
+    lines = [line for line in result.output.strip().splitlines() if line]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert needle in lines[0], result.output
+
+
+def test_cli_distill_writes_checkpoint_and_refuses_bad_pairs(teacher, tmp_path):
+    import tessera
+
+    tessera.save(teacher, tmp_path / "parent")
+    tessera.save(student_of(teacher), tmp_path / "student")
+    ids = torch.randint(0, 92, (1500,), generator=torch.Generator().manual_seed(1))
+    (tmp_path / "corpus.txt").write_text(" ".join(f"w{i}" for i in ids.tolist()))
+    common = ["--data", tmp_path / "corpus.txt", "--seq-len", 16, "--batch", 4, "--lr", 5e-3, "--warmup", 1]
+    r = cli("distill", "--teacher", tmp_path / "parent", "--student", tmp_path / "student", "--out", tmp_path / "out",
+            "--tokens", 16 * 4 * 4, "--ckpt-every", 2, "--eval-every", 2, *common)
+    assert r.exit_code == 0, r.output
+    out = tessera.load(tmp_path / "out")
+    assert [p["stage"] for p in out.provenance][-2:] == ["prune", "distill"] and out.provenance[-1]["steps"] == 4
+    log = json.loads((tmp_path / "out" / "distill_log.json").read_text())
+    assert len(log) == 4 and log[-1]["heldout_kld"] < log[1]["heldout_kld"]
+    assert json.loads((tmp_path / "out.ckpt" / "last" / "state.json").read_text())["step"] == 4
+    assert_one_line_error(cli("distill", "--teacher", tmp_path / "parent", "--student", tmp_path / "student",
+                              "--out", tmp_path / "out", *common), "already exists")
+    other = random_model(tiny_arch(vocab=80))
+    other.tokenizer = tiny_tokenizer(80)
+    tessera.save(other, tmp_path / "other")
+    assert_one_line_error(cli("distill", "--teacher", tmp_path / "parent", "--student", tmp_path / "other",
+                              "--out", tmp_path / "o2", *common), "vocabulary")
+    (tmp_path / "short.txt").write_text("w1 w2 w3")
+    assert_one_line_error(cli("distill", "--teacher", tmp_path / "parent", "--student", tmp_path / "student",
+                              "--out", tmp_path / "o3", *common[2:], "--data", tmp_path / "short.txt"), "too short")
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()

@@ -1,0 +1,67 @@
+"""Activation importance: planted dominant units rank first, layer scores, aggregation, saved scores."""
+
+import pytest
+import torch
+
+from helpers import random_model, tiny_arch, tiny_tokenizer
+from tessera.errors import TesseraError
+from tessera.importance import Importance, activation_importance
+from tessera.prune import PruneTarget, prune, shortgpt
+
+
+@pytest.fixture
+def teacher():
+    m = random_model(tiny_arch(layers=4, heads=4, kv_heads=2, ffn=64))
+    m.tokenizer = tiny_tokenizer()
+    return m
+
+
+@pytest.fixture
+def chunks():
+    return torch.randint(0, 96, (24, 16), generator=torch.Generator().manual_seed(0))
+
+
+def test_planted_neuron_head_and_channel_rank_first(teacher, chunks):
+    with torch.no_grad():
+        teacher.model.layers[1].mlp.gate_proj.weight[17] *= 40  # neuron 17 of layer 1 fires hardest
+        teacher.model.layers[1].mlp.up_proj.weight[17] *= 40
+        teacher.model.layers[2].self_attn.v_proj.weight[8:16] *= 30  # KV head 1 of layer 2 ...
+        teacher.model.layers[2].self_attn.q_proj.weight[24:32] *= 30  # ... and its query head 3 attends sharply
+        teacher.model.embed_tokens.weight[:, 5] *= 25  # embedding channel 5 dominates the residual stream
+    imp = activation_importance(teacher, chunks)
+    assert int(imp.neurons[1].argmax()) == 17
+    assert int(imp.heads[2].argmax()) in (2, 3) and int(imp.kv_groups(2, 2).argmax()) == 1
+    assert int(imp.channels.argmax()) == 5
+    kept = prune(teacher, imp, PruneTarget(ffn=8, hidden=16))
+    assert 5 in torch.topk(imp.channels, 16).indices.tolist() and kept.arch.hidden_size == 16
+
+
+def test_aggregations_differ_and_validate(teacher, chunks):
+    a = activation_importance(teacher, chunks, batch_agg="l2", seq_agg="mean")
+    b = activation_importance(teacher, chunks, batch_agg="mean", seq_agg="max")
+    assert not torch.allclose(a.neurons[0], b.neurons[0])
+    with pytest.raises(TesseraError, match="aggregation"):
+        activation_importance(teacher, chunks, batch_agg="median")
+
+
+def test_block_importance_and_drop_loss(teacher, chunks):
+    with torch.no_grad():  # layer 2 becomes an identity: nothing to lose by dropping it
+        teacher.model.layers[2].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[2].mlp.down_proj.weight.zero_()
+    imp = activation_importance(teacher, chunks, with_drop_loss=True)
+    assert int(imp.block_importance.argmin()) == 2 and imp.block_importance[2] < 1e-6
+    assert abs(float(imp.drop_loss[2])) < 1e-5
+    assert float(imp.drop_kl[2]) < 1e-6 < float(imp.drop_kl.max())  # KL is zero only for the identity layer
+    assert shortgpt(teacher, imp, 3).provenance[-1]["dropped_layers"] == [2]
+    by_kl = prune(teacher, imp, PruneTarget(layers=3, layer_metric="drop_kl"))
+    assert by_kl.provenance[-1]["dropped_layers"] == [2]
+    with pytest.raises(TesseraError, match="layer-metric"):
+        prune(teacher, imp, PruneTarget(layers=3, layer_metric="cosine"))
+
+
+def test_importance_round_trips(tmp_path, teacher, chunks):
+    imp = activation_importance(teacher, chunks, with_drop_loss=True)
+    again = Importance.load(imp.save(tmp_path / "imp.safetensors"))
+    assert torch.equal(again.neurons[3], imp.neurons[3]) and torch.equal(again.drop_loss, imp.drop_loss)
+    assert torch.equal(again.drop_kl, imp.drop_kl)
+    assert again.meta["batch_agg"] == "l2"
