@@ -27,9 +27,13 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     teacher, student, chunks = make()
-    student, _ = distill(teacher, student, chunks, CFG, progress=False)
+    student, log = distill(teacher, student, chunks, CFG, progress=False)
     if dist.get_rank() == 0:
+        import json
+
         from safetensors.torch import save_file
+
+        Path(sys.argv[1]).with_suffix(".json").write_text(json.dumps(log))
 
         save_file({k: v.contiguous() for k, v in student.state_dict().items()}, sys.argv[1])
     dist.destroy_process_group()

@@ -91,7 +91,9 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     teacher, student, chunks = make()
-    single, _ = distill(teacher, student, chunks, WCFG, progress=False)
+    single, log = distill(teacher, student, chunks, WCFG, progress=False)
+    ddp_log = json.loads(out.with_suffix(".json").read_text())
+    assert [e["loss"] for e in ddp_log] == pytest.approx([e["loss"] for e in log], rel=1e-4)  # global, not per-rank
     ddp = load_file(str(out))
     for name, w in single.state_dict().items():
         torch.testing.assert_close(ddp[name], w, atol=2e-5, rtol=1e-4)

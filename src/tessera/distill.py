@@ -183,6 +183,10 @@ def distill(teacher: Transformer, student: Transformer, train: torch.Tensor, cfg
                                sh if use_cosine else None, cfg.cosine_weight) / cfg.grad_accum
                 loss.backward()
                 total += loss.item()
+            if world > 1:  # log the global batch's loss, not this rank's share
+                t = torch.tensor(total)
+                dist.all_reduce(t)
+                total = t.item() / world
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
