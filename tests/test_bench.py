@@ -5,7 +5,6 @@ import pytest
 from helpers import mixed_arch, random_model, tiny_arch
 from tessera.bench import bench, run_once
 from tessera.cost import Scenario
-from tessera.plots import pareto_front, plot_architecture, plot_frontier
 
 
 @pytest.mark.parametrize("arch", [tiny_arch(), mixed_arch()], ids=["llama", "mixed"])
@@ -28,30 +27,20 @@ def test_bench_runs_real_decode_steps(arch):
         assert r.decode_spread[0] <= r.decode_tok_s <= r.decode_spread[1] and r.e2e_tok_s < r.decode_tok_s
 
 
-def test_pareto_front():
-    pts = [{"name": "p", "throughput": 1, "quality": 100}, {"name": "a", "throughput": 2, "quality": 95},
-           {"name": "b", "throughput": 1.5, "quality": 90}, {"name": "c", "throughput": 3, "quality": 80}]
-    assert [p["name"] for p in pareto_front(pts)] == ["p", "a", "c"]
-
-
-def test_plots_write_png(tmp_path):
-    a = plot_architecture(mixed_arch(), tmp_path / "arch.png", parent=tiny_arch())
-    f = plot_frontier([{"name": "parent", "throughput": 10, "quality": 100, "kind": "parent"},
-                       {"name": "child", "throughput": 20, "quality": 97}], tmp_path / "front.png")
-    for path in (a, f):
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["arch.png", "front.png"]  # no temp files left
-
-
-def test_plot_cli(tmp_path):
+def test_bench_cli_json_on_saved_model(tmp_path):
     from typer.testing import CliRunner
 
+    from tessera.checkpoint import save
     from tessera.cli import app
 
-    (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(mixed_arch().to_json())
-    res = CliRunner().invoke(app, ["plot", "arch", str(tmp_path / "m"), "--out", str(tmp_path / "a.png")])
-    assert res.exit_code == 0 and (tmp_path / "a.png").is_file()
-    (tmp_path / "pts.json").write_text(json.dumps([{"name": "x", "throughput": 1}]))
-    res = CliRunner().invoke(app, ["plot", "frontier", str(tmp_path / "pts.json")])
-    assert res.exit_code == 2 and "expected a JSON list" in res.output
+    save(random_model(mixed_arch()), tmp_path / "m")
+    res = CliRunner().invoke(app, ["bench", str(tmp_path / "m"), "--scenarios", "6/3,4/2", "--batch-sizes", "1,2",
+                                   "--reps", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.output)
+    assert [(r["scenario"], r["batch"]) for r in rows] == [("6/3", 1), ("6/3", 2), ("4/2", 1), ("4/2", 2)]
+    assert all(r["decode_tok_s"] > 0 and r["device"] == "cpu" for r in rows)
+    res = CliRunner().invoke(app, ["bench", str(tmp_path / "m"), "--batch-sizes", "1,x"])
+    assert res.exit_code == 2 and "--batch-sizes must be comma-separated integers" in res.output
+    res = CliRunner().invoke(app, ["bench", str(tmp_path / "m"), "--scenarios", "128-128"])
+    assert res.exit_code == 2 and "not IN/OUT" in res.output
