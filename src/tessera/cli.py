@@ -477,8 +477,8 @@ def cost(model: str = typer.Argument(..., help="model directory (config.json alo
         typer.echo(json.dumps(p.as_dict(), indent=2))
         return
     console.print(f"[bold]{model}[/] on {tp} x {hw.name}, {dtype}, scenario {scenario}: batch {p.batch}")
-    console.print(f"  memory: weights {p.weight_bytes / 1e9:.2f} GB + KV cache {p.kv_bytes / 1e9:.2f} GB "
-                  f"(usable {p.memory_bytes / 1e9:.1f} GB per GPU)")
+    console.print(f"  memory per GPU: weights {p.weight_bytes / tp / 1e9:.2f} GB + KV cache {p.kv_bytes / tp / 1e9:.2f} GB "
+                  f"(usable {p.memory_bytes / 1e9:.1f} GB)")  # tensor parallelism splits both across tp GPUs
     console.print(f"  prefill {p.prefill_s:.3f} s, decode {p.decode_s:.3f} s per batch")
     console.print(f"  throughput per GPU: {p.output_tokens_per_s:,.0f} output tok/s "
                   f"(decode {p.decode_tokens_per_s:,.0f} tok/s, prefill {p.prefill_tokens_per_s:,.0f} tok/s)")
