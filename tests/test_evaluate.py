@@ -58,6 +58,26 @@ def test_shared_context_and_pair_paths_equal_brute_force(model):
         assert s.n_tokens == len(c.split())
 
 
+def test_shared_prefix_of_consecutive_contexts_is_reused_exactly(model, monkeypatch):
+    """A context sharing >= MIN_REUSE leading tokens with the previous one runs only its new tokens (the rest is
+    copied from the previous cache), and scores what a fresh computation scores."""
+    from tessera.evaluate import scoring
+
+    shots = " ".join(f"w{i % 50 + 1}" for i in range(scoring.MIN_REUSE + 8))  # a shared few-shot prefix
+    contexts = [shots + " w3 w4", shots + " w7 w8 w9", "w2 " + shots]  # the last shares no prefix
+    conts = [" w6", " w7 w8", " w10"]
+    ran = []
+    hidden = model.hidden
+    monkeypatch.setattr(model, "hidden", lambda ids, *a, **k: ran.append(ids.shape[1]) or hidden(ids, *a, **k))
+    scorer = Scorer(model)
+    reused = [scorer.score_shared(c, conts) for c in contexts]
+    ctx_lens = [len(scorer.encode(c)) for c in contexts]
+    assert ran[0::2] == [ctx_lens[0], 3, ctx_lens[2]]  # the 2nd context ran only " w7 w8 w9"
+    for ctx, scores in zip(contexts, reused):
+        for cont, s in zip(conts, scores):
+            assert s.loglik == pytest.approx(brute_loglik(model, scorer.encode(ctx), scorer.encode(cont)), abs=1e-4)
+
+
 def test_planted_preference_wins_every_metric(planted):
     scorer = Scorer(planted)
     fav = f" w{FAVOURITE - 4}"
@@ -243,3 +263,24 @@ def test_default_parent_real_prompts_shared_equals_full_forward(default_parent, 
             assert ctx_ids + cont_ids == scorer.encode(item.contexts[0] + cont)  # the boundary matches lm-eval's
             ref = brute_loglik(default_parent, ctx_ids, cont_ids)
             assert s.loglik == pytest.approx(ref, abs=2e-3) and p.loglik == pytest.approx(ref, abs=2e-3)
+
+
+def test_eval_cli_writes_results_and_table_and_refuses_to_overwrite(planted, custom_task, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tessera.checkpoint import save
+    from tessera.cli import app
+
+    monkeypatch.setenv("TESSERA_HOME", str(tmp_path / "home"))
+    save(planted, tmp_path / "m")
+    out = tmp_path / "res.json"
+    args = ["eval", str(tmp_path / "m"), "--tasks", str(custom_task), "--baseline", str(tmp_path / "m"), "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    payload = json.loads(out.read_text())
+    assert payload["results"]["mine"]["acc"] == 1.0 and payload["preserved"]["average"]["preserved"] == 1.0
+    assert "| mine | acc_norm | 100.00 | 100.00 | 100.0% |" in out.with_suffix(".md").read_text()
+    out.write_text("keep me")
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "pass --force" in res.output and out.read_text() == "keep me"
+    assert CliRunner().invoke(app, args + ["--force"]).exit_code == 0 and json.loads(out.read_text())["results"]

@@ -31,3 +31,10 @@ def test_plot_cli(tmp_path):
     (tmp_path / "pts.json").write_text(json.dumps([{"name": "x", "throughput": 1}]))
     res = CliRunner().invoke(app, ["plot", "frontier", str(tmp_path / "pts.json")])
     assert res.exit_code == 2 and "expected a JSON list" in res.output
+    res = CliRunner().invoke(app, ["plot", "arch", str(tmp_path / "m"), "--out", str(tmp_path / "a.png")])
+    assert res.exit_code == 2 and "pass --force" in res.output  # an existing output is kept
+    res = CliRunner().invoke(app, ["plot", "arch", str(tmp_path / "m"), "--out", str(tmp_path / "a.png"), "--force"])
+    assert res.exit_code == 0
+    (tmp_path / "pts.json").write_text(json.dumps({"name": "x", "throughput": 1, "quality": 2}))  # not a list
+    res = CliRunner().invoke(app, ["plot", "frontier", str(tmp_path / "pts.json"), "--out", str(tmp_path / "f.png")])
+    assert res.exit_code == 2 and "expected a JSON list" in res.output and not (tmp_path / "f.png").exists()

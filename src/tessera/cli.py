@@ -193,6 +193,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _refuse_overwrite(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise TesseraError(f"{path}: already exists; choose another output path or pass --force to overwrite")
+
+
 @app.command("eval")
 @friendly
 def eval_cmd(model: str = typer.Argument(..., help="'default', a model directory or .gguf"),
@@ -203,13 +208,18 @@ def eval_cmd(model: str = typer.Argument(..., help="'default', a model directory
              baseline: str = typer.Option(None, "--baseline", help="parent model: adds the accuracy-preserved table"),
              data_dir: Path = typer.Option(None, "--data-dir", envvar="TESSERA_BENCH_DIR", help="benchmark data root"),
              out: Path = typer.Option(None, "--out", help="write results JSON here (+ .md table with --baseline)"),
-             no_cache: bool = typer.Option(False, "--no-cache", help="ignore and do not write the results cache")):
+             no_cache: bool = typer.Option(False, "--no-cache", help="ignore and do not write the results cache"),
+             force: bool = typer.Option(False, "--force", help="overwrite --out")):
     """Accuracy on multiple-choice benchmarks (lm-eval-harness prompts), with standard errors."""
     from tessera.checkpoint import load
     from tessera.evaluate import DEFAULT_TASKS, accuracy_preserved, evaluate_tasks, get_task, render_preserved_markdown
     from tessera.evaluate.table import rich_preserved_table, rich_results_table
 
     names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(DEFAULT_TASKS)
+    if out:
+        _refuse_overwrite(out, force)
+        if baseline:
+            _refuse_overwrite(out.with_suffix(".md"), force)
     for name in names:
         get_task(name)
     kwargs = dict(limit=limit, batch_size=batch_size, data_dir=data_dir, use_cache=not no_cache)
@@ -491,25 +501,31 @@ app.add_typer(plot_app, name="plot")
 @plot_app.command("frontier")
 @friendly
 def plot_frontier_cmd(points: Path = typer.Argument(..., help='JSON list of {"name", "throughput", "quality", "kind"}'),
-                      out: Path = typer.Option(Path("frontier.png"), "--out")):
+                      out: Path = typer.Option(Path("frontier.png"), "--out"),
+                      force: bool = typer.Option(False, "--force", help="overwrite OUT")):
     """Quality vs throughput of parent, children and baselines, with the Pareto frontier."""
     from tessera.plots import plot_frontier
 
+    _refuse_overwrite(out, force)
     try:
         data = json.loads(points.read_text())
-        assert isinstance(data, list) and all({"name", "throughput", "quality"} <= set(p) for p in data)
-    except (OSError, json.JSONDecodeError, AssertionError):
-        raise TesseraError(f"{points}: expected a JSON list of objects with name, throughput and quality") from None
+    except (OSError, json.JSONDecodeError):
+        data = None
+    if not (isinstance(data, list) and all(isinstance(p, dict) and {"name", "throughput", "quality"} <= set(p)
+                                           for p in data)):
+        raise TesseraError(f"{points}: expected a JSON list of objects with name, throughput and quality")
     console.print(f"wrote {plot_frontier(data, out)}")
 
 
 @plot_app.command("arch")
 @friendly
 def plot_arch_cmd(model: str = typer.Argument(...), out: Path = typer.Option(Path("arch.png"), "--out"),
-                  parent: str = typer.Option(None, help="draw the parent's widths as reference lines")):
+                  parent: str = typer.Option(None, help="draw the parent's widths as reference lines"),
+                  force: bool = typer.Option(False, "--force", help="overwrite OUT")):
     """Per-layer KV heads and FFN width of a model; no-op and linear sub-blocks marked."""
     from tessera.plots import plot_architecture
 
+    _refuse_overwrite(out, force)
     console.print(f"wrote {plot_architecture(_load_arch(model), out, parent=_load_arch(parent) if parent else None)}")
 
 

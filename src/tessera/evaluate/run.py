@@ -54,11 +54,15 @@ def score_items(scorer: Scorer, items: list[Item], progress=None, task_id=None) 
             progress.advance(task_id, len(pending))
         pending.clear()
 
-    for i, item in enumerate(items):
+    # Shared-context items in context order, so consecutive items share the longest prompt prefix (a few-shot
+    # prompt, a subject header) and the scorer copies its K/V instead of recomputing it. Outcomes keep item order.
+    shared = [len(it.contexts) > 1 and len(set(it.contexts)) == 1 for it in items]
+    order = sorted(range(len(items)), key=lambda i: (not shared[i], items[i].contexts[0] if shared[i] else "", i))
+    for i in order:
+        item = items[i]
         if item.kind == "generate":
             raise ValueError("generative items go through generate_items")
-        shared = len(item.contexts) > 1 and len(set(item.contexts)) == 1
-        if shared:
+        if shared[i]:
             outcomes[i] = item_outcome(item, scorer.score_shared(item.contexts[0], item.continuations))
             if progress is not None:
                 progress.advance(task_id)

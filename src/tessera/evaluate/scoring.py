@@ -4,7 +4,9 @@ Tokenisation follows lm-eval: the context and context+continuation are encoded, 
 are what the whole adds after the context's tokens (so BPE merges across the boundary are respected). Two
 paths, same numbers:
 * shared context (multiple choice): the context runs once through the KV cache; the cache is forked once per
-  choice and only the continuations run, all choices in one batch;
+  choice and only the continuations run, all choices in one batch. The context's leading tokens shared with the
+  previous item's context (MMLU's 5-shot prompt of one subject, TruthfulQA's 6-shot primer) are copied from that
+  item's cache instead of being recomputed, so callers order items by context;
 * different contexts (winogrande, lambada): full sequences, left-padded and batched across items.
 In both, `lm_head` runs only at the positions that predict continuation tokens.
 """
@@ -17,7 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from tessera.generate import left_pad
-from tessera.model import Transformer
+from tessera.model import CacheState, Transformer
+
+MIN_REUSE = 16  # shortest shared token prefix worth copying from the previous context's cache
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,33 @@ class Scorer:
 
             raise TesseraError("evaluation needs a tokenizer; load the model from a directory with tokenizer files")
         self.model, self.tok, self.batch_size = model, model.tokenizer, batch_size
+        self._last: tuple[list[int], CacheState] | None = None  # previous shared context and its KV cache
+
+    def clear(self) -> None:
+        """Forget the previous context's cache (call after changing the model's weights)."""
+        self._last = None
+
+    def _reuse_prefix(self, ctx: list[int]) -> int:
+        """Copy the K/V of the longest token prefix `ctx` shares with the previous context into the fresh cache;
+        return its length. At least one token is left to run, for the hidden state predicting the continuation."""
+        if self._last is None:
+            return 0
+        prev, prev_cache = self._last
+        n = 0
+        limit = min(len(prev), len(ctx) - 1)
+        while n < limit and prev[n] == ctx[n]:
+            n += 1
+        if n < MIN_REUSE:
+            return 0
+        cache = self.model.cache
+        for dst, src in zip(cache.layers, prev_cache.layers):
+            if dst is not None:
+                dst.k[:, :, :n] = src.k[:, :, :n]
+                dst.v[:, :, :n] = src.v[:, :, :n]
+        cache.key_valid[:, :n] = True
+        cache.next_pos[:] = n
+        cache.length = n
+        return n
 
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -69,8 +100,10 @@ class Scorer:
         width = max(len(c) for c in conts)
         model.setup_cache(1, len(ctx) + width)
         try:
-            h = model.hidden(torch.tensor([ctx], device=model.device), use_cache=True)
+            reused = self._reuse_prefix(ctx)
+            h = model.hidden(torch.tensor([ctx[reused:]], device=model.device), use_cache=True)
             first = torch.log_softmax(model.lm_head(h[0, -1]).float(), -1)  # predicts each continuation's 1st token
+            self._last = (ctx, model.cache)  # the forks below are copies: this cache stays as the context left it
             model.cache = model.cache.repeat(len(conts))
             batch = torch.zeros(len(conts), width, dtype=torch.long)
             for i, c in enumerate(conts):
