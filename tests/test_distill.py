@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import random_model, tiny_arch, tiny_tokenizer
-from tessera.distill import DistillConfig, batch_indices, distill, lr_at
+from tessera.distill import DistillConfig, batch_indices, correct_teacher, distill, lr_at
 from tessera.errors import TesseraError
 from tessera.importance import random_importance
 from tessera.prune import PruneTarget, prune
@@ -43,6 +43,22 @@ def test_distillation_lowers_heldout_kld(teacher, chunks):
     student, log = distill(teacher, student, chunks[4:], CFG, heldout=chunks[:4], progress=False)
     assert log[-1]["heldout_kld"] < 0.8 * before and len(log) == CFG.steps == 8
     assert student.provenance[-1]["stage"] == "distill"
+
+
+def test_teacher_correction_fits_the_data_and_leaves_the_original(teacher, chunks):
+    import torch.nn.functional as F
+
+    def lm_loss(m):
+        with torch.no_grad():
+            return F.cross_entropy(m(chunks)[:, :-1].flatten(0, 1), chunks[:, 1:].flatten()).item()
+
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    corrected = correct_teacher(teacher, chunks, steps=10, lr=1e-2)
+    assert lm_loss(corrected) < 0.9 * lm_loss(teacher)
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())  # a new model, not an edit
+    assert corrected.provenance[-1] == {"stage": "teacher_correction", "steps": 10, "lr": 1e-2}
+    with pytest.raises(TesseraError, match="at least one step"):
+        correct_teacher(teacher, chunks[:0], steps=3)
 
 
 def test_resume_after_interruption_is_bit_identical(teacher, chunks, tmp_path):

@@ -406,7 +406,7 @@ def distill_cmd(teacher: str = typer.Option(..., "--teacher"), student: str = ty
                         temperature=temperature, loss=loss, eval_every=eval_every, ckpt_every=ckpt_every, seed=seed)
     chunks = load_chunks(t.tokenizer, data, seq_len=seq_len, min_chunks=2)
     if teacher_correction:
-        t = correct_teacher(t, chunks.train, steps=teacher_correction, batch=batch, seed=seed)
+        t = correct_teacher(t, chunks.train, steps=teacher_correction, batch=batch, seed=seed, inplace=True)
     s, log = distill(t, s, chunks.train, cfg, heldout=chunks.heldout[:16], ckpt_dir=out.with_name(out.name + ".ckpt"),
                      resume=resume)
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -11,6 +11,7 @@ process with the same global batch.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -213,8 +214,14 @@ def distill(teacher: Transformer, student: Transformer, train: torch.Tensor, cfg
 
 
 def correct_teacher(teacher: Transformer, train: torch.Tensor, *, steps: int, lr: float = 1e-5, batch: int = 8,
-                    seed: int = 0) -> Transformer:
-    """Teacher correction (Minitron): briefly fine-tune the teacher with next-token loss on the distillation data."""
+                    seed: int = 0, inplace: bool = False) -> Transformer:
+    """Teacher correction (Minitron): briefly fine-tune the teacher with next-token loss on the distillation data,
+    so it matches the data the student is distilled on. Returns a new model unless `inplace` (the CLI's choice:
+    it holds the only copy, and a second copy of a large teacher may not fit)."""
+    if steps < 1 or len(train) == 0:
+        raise TesseraError("teacher correction needs at least one step and some training data")
+    if not inplace:
+        teacher = copy.deepcopy(teacher)
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(teacher.parameters(), lr=lr)
     teacher.train()
