@@ -26,3 +26,20 @@ def default_parent():
     import tessera
 
     return tessera.load("default")
+
+
+@pytest.fixture
+def teacher():
+    """A tiny random parent for pruning and distillation: 4 layers, 4 heads in 2 KV groups, FFN 64."""
+    from helpers import random_model, tiny_arch, tiny_tokenizer
+
+    m = random_model(tiny_arch(layers=4, heads=4, kv_heads=2, ffn=64))
+    m.tokenizer = tiny_tokenizer()
+    return m
+
+
+@pytest.fixture
+def chunks():
+    import torch
+
+    return torch.randint(0, 96, (24, 16), generator=torch.Generator().manual_seed(0))

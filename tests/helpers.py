@@ -58,3 +58,19 @@ def tiny_tokenizer(vocab: int = TINY_VOCAB):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
+
+
+def cli(*args):
+    """Run the tessera CLI in-process; exceptions propagate (a traceback is a test failure, not an exit code)."""
+    from typer.testing import CliRunner
+
+    from tessera.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_one_line_error(result, needle):
+    """The CLI's contract for bad input: exit code 2 and one line starting with 'error:' that names the problem."""
+    lines = [line for line in result.output.strip().splitlines() if line]
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.output

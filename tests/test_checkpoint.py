@@ -45,32 +45,21 @@ def test_sharded_save_loads(tmp_path):
         torch.testing.assert_close(tessera.load(tmp_path / "m")(ids), model(ids), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_transformers_automodel_loads_heterogeneous_child(tmp_path, tied):
+@pytest.mark.parametrize("case, expected_class", [("mixed", "DeciLMForCausalLM"), ("mixed-tied", "DeciLMForCausalLM"),
+                                                  ("llama-rope-scaling", "LlamaForCausalLM")])
+def test_transformers_automodel_loads_saved_model(tmp_path, case, expected_class):
+    """A heterogeneous child loads as DeciLM (registered by `import tessera`), a homogeneous one as plain Llama."""
+    from dataclasses import replace
+
     from transformers import AutoModelForCausalLM
 
-    arch = mixed_arch()
-    if tied:
-        from dataclasses import replace
-
-        arch = replace(arch, tie_word_embeddings=True)
+    arch = {"mixed": mixed_arch(), "mixed-tied": replace(mixed_arch(), tie_word_embeddings=True),
+            "llama-rope-scaling": tiny_arch(rope_scaling=True)}[case]
     model = random_model(arch)
-    tessera.save(model, tmp_path / "child")
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "child").eval()
-    assert type(hf).__name__ == "DeciLMForCausalLM"
-    ids = torch.randint(0, 96, (2, 10))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-5, rtol=0)
-
-
-def test_homogeneous_save_loads_as_transformers_llama(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    model = random_model(tiny_arch(rope_scaling=True))
     tessera.save(model, tmp_path / "m")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    assert type(hf).__name__ == "LlamaForCausalLM"
-    ids = torch.randint(0, 96, (1, 30))
+    assert type(hf).__name__ == expected_class
+    ids = torch.randint(0, 96, (2, 30))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-4, rtol=0)
 

@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 import tessera
-from helpers import mixed_arch, random_model, tiny_arch, tiny_tokenizer
+from helpers import assert_one_line_error, mixed_arch, random_model, tiny_arch, tiny_tokenizer
 from tessera.cli import app
 
 runner = CliRunner()
@@ -13,12 +13,6 @@ runner = CliRunner()
 def run(*args):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
-
-def assert_one_line_error(result, needle):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line]
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.output
 
 
 def test_inspect_json_on_config_only_directory(tmp_path):

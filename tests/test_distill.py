@@ -9,24 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import random_model, tiny_arch, tiny_tokenizer
+from helpers import assert_one_line_error, cli, random_model, tiny_arch, tiny_tokenizer
 from tessera.distill import DistillConfig, batch_indices, correct_teacher, distill, lr_at
 from tessera.errors import TesseraError
 from tessera.importance import random_importance
 from tessera.prune import PruneTarget, prune
-
-
-@pytest.fixture
-def teacher():
-    m = random_model(tiny_arch(layers=4, heads=4, kv_heads=2, ffn=64))
-    m.tokenizer = tiny_tokenizer()
-    return m
-
-
-@pytest.fixture
-def chunks():
-    return torch.randint(0, 96, (24, 16), generator=torch.Generator().manual_seed(0))
-
 
 CFG = DistillConfig(tokens=16 * 8 * 8, seq_len=16, batch=8, lr=5e-3, warmup_steps=2, eval_every=4, ckpt_every=2)
 
@@ -118,19 +105,6 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
 
 
 # ---------------------------------------------------------------------------- CLI
-def cli(*args):
-    from typer.testing import CliRunner
-
-    from tessera.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_one_line_error(result, needle):
-    lines = [line for line in result.output.strip().splitlines() if line]
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert needle in lines[0], result.output
-
 
 def test_cli_distill_writes_checkpoint_and_refuses_bad_pairs(teacher, tmp_path):
     import tessera

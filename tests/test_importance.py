@@ -3,22 +3,9 @@
 import pytest
 import torch
 
-from helpers import random_model, tiny_arch, tiny_tokenizer
 from tessera.errors import TesseraError
 from tessera.importance import Importance, activation_importance
 from tessera.prune import PruneTarget, prune, shortgpt
-
-
-@pytest.fixture
-def teacher():
-    m = random_model(tiny_arch(layers=4, heads=4, kv_heads=2, ffn=64))
-    m.tokenizer = tiny_tokenizer()
-    return m
-
-
-@pytest.fixture
-def chunks():
-    return torch.randint(0, 96, (24, 16), generator=torch.Generator().manual_seed(0))
 
 
 def test_planted_neuron_head_and_channel_rank_first(teacher, chunks):

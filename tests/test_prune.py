@@ -4,22 +4,10 @@ import pytest
 import torch
 
 import tessera
-from helpers import random_model, tiny_arch, tiny_tokenizer
+from helpers import assert_one_line_error, cli, tiny_arch
 from tessera.errors import TesseraError
 from tessera.importance import activation_importance, magnitude_importance, random_importance
 from tessera.prune import PruneTarget, prune, search_target
-
-
-@pytest.fixture
-def teacher():
-    m = random_model(tiny_arch(layers=4, heads=4, kv_heads=2, ffn=64))
-    m.tokenizer = tiny_tokenizer()
-    return m
-
-
-@pytest.fixture
-def chunks():
-    return torch.randint(0, 96, (24, 16), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("target, arch_check", [
@@ -87,18 +75,6 @@ def write_corpus(path, words=2000, seed=0):
     return path
 
 
-def cli(*args):
-    from typer.testing import CliRunner
-
-    from tessera.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_one_line_error(result, needle):
-    lines = [line for line in result.output.strip().splitlines() if line]
-    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert needle in lines[0], result.output
 
 
 def test_cli_importance_then_prune_to_several_targets(teacher, tmp_path):
