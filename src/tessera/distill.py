@@ -111,7 +111,10 @@ def save_checkpoint(path: Path, student: Transformer, optimizer, step: int, cfg:
     if student.arch.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, str(tmp / "student.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+    rng = {"rng": torch.get_rng_state()}
+    if torch.cuda.is_available():  # resume on GPU is bit-exact too (nothing in the loop draws from it today)
+        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), **rng}, tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(cfg), "log": log}, indent=2))
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
@@ -127,6 +130,8 @@ def load_checkpoint(path: Path, student: Transformer, optimizer) -> tuple[int, l
     extra = torch.load(path / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])
     torch.set_rng_state(extra["rng"])
+    if "cuda_rng" in extra and torch.cuda.is_available() and len(extra["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(extra["cuda_rng"])
     return state["step"], state["log"]
 
 
