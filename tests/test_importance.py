@@ -46,6 +46,28 @@ def test_block_importance_and_drop_loss(teacher, chunks):
         prune(teacher, imp, PruneTarget(layers=3, layer_metric="cosine"))
 
 
+def test_head_drop_kl_ranks_a_loud_but_unused_head_last(teacher, chunks, tmp_path):
+    """A head whose output o_proj ignores costs nothing to drop: its drop-KL is 0 whatever its output norm, so
+    head_metric="drop_kl" prunes it where the norm (made huge here) keeps it."""
+    d = teacher.arch.head_dim
+    with torch.no_grad():
+        teacher.model.layers[1].self_attn.o_proj.weight[:, :d] = 0  # layer 1, head 0 (KV group 0) is unused
+    imp = activation_importance(teacher, chunks, with_head_drop=True)
+    kl = imp.head_drop_kl[1]
+    assert kl[0] < 1e-7 and bool((kl[1:] > 1e-5).all()) and set(imp.head_drop_kl) == set(range(4))
+    imp.heads[1] = imp.heads[1].clone()
+    imp.heads[1][0] = 1e9  # the loudest head by norm
+    q = teacher.model.layers[1].self_attn.q_proj.weight
+    by_norm = prune(teacher, imp, PruneTarget(heads=2))
+    by_kl = prune(teacher, imp, PruneTarget(heads=2, head_metric="drop_kl"))
+    assert torch.equal(by_norm.model.layers[1].self_attn.q_proj.weight[:d], q[:d])  # kept head 0
+    assert torch.equal(by_kl.model.layers[1].self_attn.q_proj.weight[:d], q[d:2 * d])  # kept head 1 instead
+    again = Importance.load(imp.save(tmp_path / "imp.safetensors"))
+    assert torch.equal(again.head_drop_kl[1], kl)
+    with pytest.raises(TesseraError, match="--head-drop-kl"):
+        prune(teacher, activation_importance(teacher, chunks), PruneTarget(heads=2, head_metric="drop_kl"))
+
+
 def test_importance_round_trips(tmp_path, teacher, chunks):
     imp = activation_importance(teacher, chunks, with_drop_loss=True)
     again = Importance.load(imp.save(tmp_path / "imp.safetensors"))

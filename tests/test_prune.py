@@ -75,8 +75,6 @@ def write_corpus(path, words=2000, seed=0):
     return path
 
 
-
-
 def test_cli_importance_then_prune_to_several_targets(teacher, tmp_path):
     tessera.save(teacher, tmp_path / "parent")
     corpus = write_corpus(tmp_path / "corpus.txt")
@@ -103,7 +101,15 @@ def test_cli_importance_then_prune_to_several_targets(teacher, tmp_path):
                               "--target-params", 1.5, "--data", corpus, "--seq-len", 16), "larger than the parent")
     assert_one_line_error(cli("prune", tmp_path / "parent", "--out", tmp_path / "c", "--scores", scores,
                               "--hidden", 64), "between 1 and the parent's 32")
+    assert_one_line_error(cli("prune", tmp_path / "parent", "--out", tmp_path / "c", "--scores", scores,
+                              "--heads", 2, "--head-metric", "drop_kl"), "--head-drop-kl")
+    assert_one_line_error(cli("prune", tmp_path / "parent", "--out", tmp_path / "c", "--heads", 2,
+                              "--head-metric", "loudest"), "use norm or drop_kl")
     assert not (tmp_path / "c").exists()
+    r = cli("prune", tmp_path / "parent", "--out", tmp_path / "d", "--heads", 2, "--head-metric", "drop_kl",
+            "--data", corpus, "--seq-len", 16, "--samples", 8)  # scores computed inline, per-head KL included
+    assert r.exit_code == 0, r.output
+    assert tessera.load(tmp_path / "d").arch.num_attention_heads == 2
 
 
 def test_cli_importance_on_empty_data(teacher, tmp_path):

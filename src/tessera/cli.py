@@ -295,7 +295,7 @@ def _ffn_arg(text: str | None):
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _compute_importance(model, data, seq_len, samples, method, seed=0):
+def _compute_importance(model, data, seq_len, samples, method, seed=0, head_drop=False):
     from tessera.data import load_chunks
     from tessera.importance import activation_importance, magnitude_importance, random_importance
 
@@ -306,7 +306,7 @@ def _compute_importance(model, data, seq_len, samples, method, seed=0):
     if method != "activation":
         raise TesseraError(f"--method {method!r}: use activation, magnitude or random")
     chunks = load_chunks(model.tokenizer, data, seq_len=seq_len, max_tokens=samples * seq_len * 2, heldout_fraction=0.0)
-    return activation_importance(model, chunks.train[:samples], with_drop_loss=True)
+    return activation_importance(model, chunks.train[:samples], with_drop_loss=True, with_head_drop=head_drop)
 
 
 @app.command()
@@ -315,13 +315,15 @@ def importance(model: str = typer.Argument(...), out: Path = typer.Option(..., "
                data: Path = typer.Option(None, "--data", help="calibration text/JSONL (default: the shared corpus)"),
                samples: int = typer.Option(64, min=1), seq_len: int = typer.Option(256, "--seq-len", min=2),
                method: str = typer.Option("activation", help="activation | magnitude | random"),
+               head_drop_kl: bool = typer.Option(False, "--head-drop-kl",
+                                                 help="also score each head by the KL when it is zeroed (slow)"),
                force: bool = typer.Option(False, "--force")):
     """Compute and save importance scores (heads, neurons, channels, layers) for later pruning."""
     from tessera.checkpoint import load
 
     if out.exists() and not force:
         raise TesseraError(f"{out}: already exists; pass --force to overwrite")
-    imp = _compute_importance(load(model), data, seq_len, samples, method)
+    imp = _compute_importance(load(model), data, seq_len, samples, method, head_drop=head_drop_kl)
     console.print(f"wrote {imp.save(out)}")
 
 
@@ -335,6 +337,7 @@ def prune_cmd(model: str = typer.Argument(...), out: Path = typer.Option(..., "-
               layers: int = typer.Option(None, help="keep this many layers (drop the least important)"),
               drop_layers: str = typer.Option(None, "--drop-layers", help="e.g. 16-31"),
               layer_metric: str = typer.Option("bi", "--layer-metric", help="bi (ShortGPT) | drop_loss | drop_kl"),
+              head_metric: str = typer.Option("norm", "--head-metric", help="norm (Minitron) | drop_kl"),
               target_params: float = typer.Option(None, "--target-params",
                                                   help="fraction of non-embedding parameters; searches width/depth"),
               method: str = typer.Option("activation", help="importance: activation | magnitude | random"),
@@ -349,7 +352,10 @@ def prune_cmd(model: str = typer.Argument(...), out: Path = typer.Option(..., "-
     if out.exists() and not force:
         raise TesseraError(f"{out}: already exists; choose another output directory or pass --force to overwrite")
     m = load(model)
-    imp = Importance.load(scores) if scores else _compute_importance(m, data, seq_len, samples, method)
+    if head_metric not in ("norm", "drop_kl"):
+        raise TesseraError(f"--head-metric {head_metric!r}: use norm or drop_kl")
+    imp = (Importance.load(scores) if scores else
+           _compute_importance(m, data, seq_len, samples, method, head_drop=heads is not None and head_metric == "drop_kl"))
     if target_params is not None:
         from tessera.data import load_chunks
 
@@ -363,7 +369,7 @@ def prune_cmd(model: str = typer.Argument(...), out: Path = typer.Option(..., "-
     else:
         target = PruneTarget(hidden=hidden, ffn=_ffn_arg(ffn), heads=heads, kv_heads=kv_heads,
                              drop_layers=_layer_list(drop_layers) if drop_layers else (), layers=layers,
-                             layer_metric=layer_metric)
+                             layer_metric=layer_metric, head_metric=head_metric)
     child = prune(m, imp, target)
     save(child, out, force=force)
     console.print(f"pruned {m.arch.num_params():,} -> {child.arch.num_params():,} parameters "

@@ -7,14 +7,17 @@ Per layer, hooks record:
 * layers: Block Importance BI = 1 - cos(block input, block output), averaged over tokens.
 Each score is reduced over the sequence, then over the batch; the default (Minitron's best) is the L2 norm
 over the batch of the mean over the sequence. `drop_layer_scores` adds the LM-loss increase and the KL to the
-full model when one layer is skipped. Scores are plain tensors, saved with safetensors, so one pass serves many
-pruning targets.
+full model when one layer is skipped, and `drop_head_scores` the KL when one attention head's output is zeroed
+(one forward pass per head: slower, but it measures what pruning does; on SmolLM2 the output norm ranks the
+most damaging heads of layers 0-1 last in their groups, see docs/results.md). Scores are plain tensors, saved
+with safetensors, so one pass serves many pruning targets.
 """
 
 from __future__ import annotations
 
 import json
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +37,8 @@ REDUCERS = {
 
 @dataclass
 class Importance:
-    heads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n_heads,)
+    heads: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n_heads,) output norm
+    head_drop_kl: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (n_heads,) KL when zeroed
     neurons: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (intermediate,)
     channels: torch.Tensor | None = None  # (hidden,)
     block_importance: torch.Tensor | None = None  # (layers,) 1 - cos
@@ -42,14 +46,24 @@ class Importance:
     drop_kl: torch.Tensor | None = None  # (layers,) KL(full model || model without the layer), per token
     meta: dict = field(default_factory=dict)
 
+    def head_scores(self, metric: str = "norm") -> dict[int, torch.Tensor]:
+        if metric == "norm":
+            return self.heads
+        if metric == "drop_kl":
+            if not self.head_drop_kl:
+                raise TesseraError("importance has no per-head drop_kl scores; recompute with "
+                                   "`tessera importance --head-drop-kl` (or prune without --scores)")
+            return self.head_drop_kl
+        raise TesseraError(f"--head-metric {metric!r}: use norm or drop_kl")
+
     def kv_groups(self, layer: int, n_kv: int) -> torch.Tensor:
         """A KV group's importance is the sum of its query heads' scores."""
         return self.heads[layer].view(n_kv, -1).sum(-1)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        tensors = {f"heads.{i}": t.contiguous() for i, t in self.heads.items()}
-        tensors |= {f"neurons.{i}": t.contiguous() for i, t in self.neurons.items()}
+        tensors = {f"{kind}.{i}": t.contiguous() for kind in ("heads", "head_drop_kl", "neurons")
+                   for i, t in getattr(self, kind).items()}
         for name in ("channels", "block_importance", "drop_loss", "drop_kl"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name).contiguous()
@@ -72,7 +86,7 @@ class Importance:
         imp = Importance(meta=meta)
         for key, t in tensors.items():
             kind, _, idx = key.partition(".")
-            if kind in ("heads", "neurons"):
+            if kind in ("heads", "head_drop_kl", "neurons"):
                 getattr(imp, kind)[int(idx)] = t
             else:
                 setattr(imp, kind, t)
@@ -81,7 +95,8 @@ class Importance:
 
 @torch.inference_mode()
 def activation_importance(model: Transformer, chunks: torch.Tensor, *, batch_size: int = 8, seq_agg: str = "mean",
-                          batch_agg: str = "l2", with_drop_loss: bool = False) -> Importance:
+                          batch_agg: str = "l2", with_drop_loss: bool = False,
+                          with_head_drop: bool = False) -> Importance:
     """Minitron importance of heads, neurons, embedding channels and layers from `chunks` (N, L) of token ids."""
     if seq_agg not in REDUCERS or batch_agg not in REDUCERS:
         raise TesseraError(f"aggregation must be one of {', '.join(REDUCERS)}")
@@ -133,32 +148,25 @@ def activation_importance(model: Transformer, chunks: torch.Tensor, *, batch_siz
     imp.block_importance = (bi_sum / chunks.numel()).float()
     if with_drop_loss:
         imp.drop_loss, imp.drop_kl = drop_layer_scores(model, chunks[: max(1, min(len(chunks), 4))], batch_size)
+    if with_head_drop:
+        imp.head_drop_kl = drop_head_scores(model, chunks[: max(1, min(len(chunks), 4))], batch_size)
     return imp
 
 
 @torch.inference_mode()
-def lm_loss(model: Transformer, chunks: torch.Tensor, batch_size: int = 8, skip: int | None = None,
+def lm_loss(model: Transformer, chunks: torch.Tensor, batch_size: int = 8,
             reference: list[torch.Tensor] | None = None) -> tuple[float, float]:
     """Mean next-token cross-entropy and, given the full model's log-probs `reference` (one tensor per batch),
-    the mean per-token KL(reference || model); `skip` runs the model with that layer replaced by an identity."""
-    layers = model.model.layers
-    saved = None
-    if skip is not None:
-        saved = layers[skip]
-        layers[skip] = _Identity()
-    try:
-        total, kl, count = 0.0, 0.0, 0
-        for b, start in enumerate(range(0, len(chunks), batch_size)):
-            ids = chunks[start:start + batch_size].to(model.device)
-            logp = torch.log_softmax(model(ids)[:, :-1].float(), -1)  # (B, T-1, V)
-            total += F.nll_loss(logp.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-            if reference is not None:
-                ref = reference[b]
-                kl += (ref.exp() * (ref - logp)).sum().item()
-            count += ids[:, 1:].numel()
-    finally:
-        if saved is not None:
-            layers[skip] = saved
+    the mean per-token KL(reference || model)."""
+    total, kl, count = 0.0, 0.0, 0
+    for b, start in enumerate(range(0, len(chunks), batch_size)):
+        ids = chunks[start:start + batch_size].to(model.device)
+        logp = torch.log_softmax(model(ids)[:, :-1].float(), -1)  # (B, T-1, V)
+        total += F.nll_loss(logp.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        if reference is not None:
+            ref = reference[b]
+            kl += (ref.exp() * (ref - logp)).sum().item()
+        count += ids[:, 1:].numel()
     return total / count, kl / count
 
 
@@ -167,15 +175,64 @@ class _Identity(torch.nn.Module):
         return x
 
 
+@contextmanager
+def ablated(model: Transformer, layer: int, head: int | None = None):
+    """Within the block, `layer` is skipped (head None) or its attention head `head` contributes nothing."""
+    if head is None:
+        layers = model.model.layers
+        saved = layers[layer]
+        layers[layer] = _Identity()
+        try:
+            yield
+        finally:
+            layers[layer] = saved
+        return
+    att = model.model.layers[layer].self_attn
+    cols = slice(head * att.head_dim, (head + 1) * att.head_dim)
+
+    def zero_head(_m, args):
+        x = args[0].clone()
+        x[..., cols] = 0
+        return (x,)
+
+    hook = att.o_proj.register_forward_pre_hook(zero_head)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def _reference_logprobs(model: Transformer, chunks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [torch.log_softmax(model(chunks[s:s + batch_size].to(model.device))[:, :-1].float(), -1)
+            for s in range(0, len(chunks), batch_size)]
+
+
 @torch.inference_mode()
 def drop_layer_scores(model: Transformer, chunks: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per layer, the LM-loss increase and the KL to the full model when that layer alone is skipped
     (higher = more important)."""
-    ref = [torch.log_softmax(model(chunks[s:s + batch_size].to(model.device))[:, :-1].float(), -1)
-           for s in range(0, len(chunks), batch_size)]
+    ref = _reference_logprobs(model, chunks, batch_size)
     base, _ = lm_loss(model, chunks, batch_size)
-    scores = [lm_loss(model, chunks, batch_size, skip=i, reference=ref) for i in range(model.arch.num_layers)]
+    scores = []
+    for i in range(model.arch.num_layers):
+        with ablated(model, i):
+            scores.append(lm_loss(model, chunks, batch_size, reference=ref))
     return torch.tensor([loss - base for loss, _ in scores]), torch.tensor([kl for _, kl in scores])
+
+
+@torch.inference_mode()
+def drop_head_scores(model: Transformer, chunks: torch.Tensor, batch_size: int = 8) -> dict[int, torch.Tensor]:
+    """Per attention layer, the KL to the full model when each query head's output alone is zeroed."""
+    ref = _reference_logprobs(model, chunks, batch_size)
+    out = {}
+    for i, block in enumerate(model.model.layers):
+        if isinstance(block.self_attn, Attention):
+            kls = []
+            for h in range(block.self_attn.n_heads):
+                with ablated(model, i, h):
+                    kls.append(lm_loss(model, chunks, batch_size, reference=ref)[1])
+            out[i] = torch.tensor(kls)
+    return out
 
 
 def magnitude_importance(model: Transformer) -> Importance:

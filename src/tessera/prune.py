@@ -30,6 +30,7 @@ class PruneTarget:
     drop_layers: tuple[int, ...] = ()  # explicit layer indices to drop
     layers: int | None = None  # or: keep this many layers, dropping the least important
     layer_metric: str = "bi"  # a key of LAYER_METRICS
+    head_metric: str = "norm"  # head ranking: "norm" (Minitron's output norm) or "drop_kl" (KL when zeroed)
 
 
 # layer ranking metric -> Importance field (low score = dropped first)
@@ -85,7 +86,7 @@ def prune(model: Transformer, imp: Importance, target: PruneTarget) -> Transform
             if target.heads % kv:
                 raise TesseraError(f"--heads {target.heads} is not a multiple of layer {j}'s {kv} KV heads; "
                                    f"choose a multiple of {kv}")
-            per_group, scores = target.heads // kv, imp.heads[layer_imp[j]].view(kv, -1)
+            per_group, scores = target.heads // kv, imp.head_scores(target.head_metric)[layer_imp[j]].view(kv, -1)
             keep = torch.cat([g * (n_heads // kv) + _top(scores[g], per_group) for g in range(kv)])
             rows = (keep[:, None] * d + torch.arange(d)).flatten()
             p = f"model.layers.{j}.self_attn."
