@@ -128,7 +128,7 @@ def test_activation_beats_random_on_the_default_parent(default_parent, shared_di
     data = load_chunks(default_parent.tokenizer, seq_len=128, max_tokens=12 * 128, heldout_fraction=0.34)
     calib, held = data.train[:8], data.heldout[:4]
     # MLP neurons and embedding channels: where activation importance clearly wins on this parent (head pruning
-    # by output norm does not; see docs/results.md, "Attention-head pruning")
+    # by output norm does not; drop-KL does: see docs/results.md, "Attention heads")
     target = PruneTarget(ffn=768, hidden=448)
     act = prune(default_parent, activation_importance(default_parent, calib), target)
     rnd = prune(default_parent, random_importance(default_parent), target)
