@@ -11,7 +11,7 @@ from tessera.evaluate.harness import TesseraLM
 from tessera.evaluate.metrics import aggregate, extract_number, item_outcome, mean_stderr
 from tessera.evaluate.perplexity import rolling_nll
 from tessera.evaluate.scoring import Score, Scorer
-from tessera.evaluate.tasks import Item, mmlu_prompt
+from tessera.evaluate.tasks import Item, load_gsm8k, mmlu_prompt
 
 FAVOURITE = 40  # token "w36"
 
@@ -133,6 +133,19 @@ def test_gsm8k_number_extraction():
     assert extract_number("so she makes 18 dollars.") == "18"
     assert extract_number("#### 1,234") == "1234"
     assert extract_number("no numbers") is None
+
+
+def test_gsm8k_is_5_shot_from_the_first_rows_which_are_not_scored(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    rows = [{"question": f"q{i}?", "answer": f"work {i}\n#### {i},000"} for i in range(7)]
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = list(load_gsm8k(tmp_path))
+    assert [it.target for it in items] == ["5000", "6000"]  # rows 0-4 are the shots
+    shots = "".join(f"Question: q{i}?\nAnswer: work {i}\n#### {i},000\n\n" for i in range(5))
+    assert items[0].contexts == (shots + "Question: q5?\nAnswer:",)
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    with pytest.raises(TesseraError, match="more than 5 rows"):
+        list(load_gsm8k(tmp_path))
 
 
 def test_perplexity_full_window_is_exact_and_windows_score_every_token_once(model):

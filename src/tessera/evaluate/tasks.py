@@ -9,7 +9,8 @@ Prompts follow lm-eval-harness (v0.4) so numbers are comparable:
 * mmlu: 5-shot from the dev split, "The following are multiple choice questions (with answers) about {subject}."
   + "{q}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nAnswer:" + " A".." D"; acc per subject and macro average.
 * truthfulqa_mc1 / mc2: lm-eval's 6-shot QA primer + "Q: {q}\\nA:" + " {answer}".
-* gsm8k: generative, "Question: {q}\\nAnswer:", exact match on the final number (slow; not a default task).
+* gsm8k: generative, 5-shot "Question: {q}\\nAnswer: {a}" (shots: the first 5 test rows, as the offline data has no
+  train split), greedy until "Question:" or a blank line, exact match on the final number (slow; not a default task).
 Custom tasks: a JSONL file of {"context": str, "choices": [str, ...], "gold": int} rows (see `load_custom`).
 """
 
@@ -54,7 +55,7 @@ class Task:
     generative: bool = False
     files: tuple[str, ...] = field(default=())
     # Bump when this task's prompt or metrics change: it is part of the results-cache key.
-    # v2: acc_norm divides by the choice's length without its joining space, as lm-eval does.
+    # v2: acc_norm divides by the choice's length without its joining space, as lm-eval does (gsm8k: 5-shot).
     version: int = 1
 
 
@@ -211,13 +212,30 @@ def load_truthfulqa_mc2(root: Path) -> Iterator[Item]:
         yield Item((ctx,) * len(choices), tuple(" " + c for c in choices), tuple(range(len(true))), kind="mc2")
 
 
+GSM8K_SHOTS = 5
+
+
+def gsm8k_prompt(shots: list[tuple[str, str]], question: str) -> str:
+    """lm-eval's gsm8k prompt: solved "Question: ..\nAnswer: .. #### N" examples, then the question."""
+    solved = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in shots)
+    return f"{solved}Question: {question}\nAnswer:"
+
+
 def load_gsm8k(root: Path) -> Iterator[Item]:
+    """5-shot like lm-eval. lm-eval draws its shots from the train split, which the offline data lacks, so the
+    first 5 test rows serve as the shots and are not scored (n = 1314 of 1319)."""
     path = root / "gsm8k" / "test.jsonl"
+    rows = []
     for lineno, row in read_jsonl(path, {"question": str, "answer": str}):
         if "####" not in row["answer"]:
             raise TesseraError(f"{path}:{lineno}: answer has no '#### <number>' line; fix the row")
-        target = row["answer"].split("####")[-1].strip().replace(",", "")
-        yield Item((f"Question: {row['question']}\nAnswer:",), ("",), 0, kind="generate", target=target)
+        rows.append((row["question"], row["answer"]))
+    if len(rows) <= GSM8K_SHOTS:
+        raise TesseraError(f"{path}: needs more than {GSM8K_SHOTS} rows ({GSM8K_SHOTS} are the few-shot examples)")
+    shots = rows[:GSM8K_SHOTS]
+    for question, answer in rows[GSM8K_SHOTS:]:
+        target = answer.split("####")[-1].strip().replace(",", "")
+        yield Item((gsm8k_prompt(shots, question),), ("",), 0, kind="generate", target=target)
 
 
 def load_custom(path: Path) -> Iterator[Item]:
@@ -244,7 +262,7 @@ TASKS: dict[str, Task] = {
         Task("mmlu", load_mmlu, ("acc",), "acc"),
         Task("truthfulqa_mc1", load_truthfulqa_mc1, ("acc",), "acc"),
         Task("truthfulqa_mc2", load_truthfulqa_mc2, ("acc",), "acc"),
-        Task("gsm8k", load_gsm8k, ("exact_match",), "exact_match", generative=True),
+        Task("gsm8k", load_gsm8k, ("exact_match",), "exact_match", generative=True, version=2),
     )
 }
 
