@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from helpers import mixed_arch, random_model, tiny_arch
+from helpers import mixed_arch, random_model, tiny_arch, tiny_tokenizer
 from tessera.generate import generate, left_pad, sample_next
 
 
@@ -126,6 +126,21 @@ def test_stop_tokens_end_rows_and_sampling_is_seeded():
     a = generate(model, [[5, 6, 7]] * 2, 8, temperature=1.0, top_k=20, seed=3, stop_tokens=[])
     b = generate(model, [[5, 6, 7]] * 2, 8, temperature=1.0, top_k=20, seed=3, stop_tokens=[])
     assert a == b
+
+
+def test_stop_strings_end_each_row_at_the_token_that_completes_them():
+    model = random_model(tiny_arch())
+    model.tokenizer = tiny_tokenizer()
+    prompts = [[5, 6, 7], [8, 9]]
+    free = generate(model, prompts, 10, stop_tokens=[])
+    texts = [model.tokenizer.decode(f) for f in free]
+    stop = model.tokenizer.decode(free[0][3:5])  # two words, first seen in row 0 at its 5th new token or before
+    stopped = generate(model, prompts, 10, stop_tokens=[], stop_strings=[stop])
+    first = next(j for j in range(10) if stop in model.tokenizer.decode(free[0][: j + 1]))
+    assert stopped[0] == free[0][: first + 1]
+    if stop not in texts[1]:
+        assert stopped[1] == free[1]  # the other row is not cut short
+    assert generate(model, prompts, 10, stop_tokens=[], stop_strings=["no such words"]) == free
 
 
 def test_top_k_and_top_p_restrict_support():

@@ -1,4 +1,4 @@
-"""Batched generation over the static KV cache: greedy or sampled, with stop tokens."""
+"""Batched generation over the static KV cache: greedy or sampled, with stop tokens and stop strings."""
 
 from __future__ import annotations
 
@@ -45,19 +45,24 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 @torch.inference_mode()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             stop_tokens: Sequence[int] | None = None, seed: int | None = None,
+             stop_tokens: Sequence[int] | None = None, stop_strings: Sequence[str] = (), seed: int | None = None,
              compile: bool = False) -> list[list[int]]:
-    """Continue each prompt; returns the new tokens of each (a stop token ends a row and is not returned).
+    """Continue each prompt; returns the new tokens of each.
 
-    compile=True runs the decode step through torch.compile (one compilation per batch size and cache
-    length; worth it for long generations, not for a handful of tokens).
+    A stop token ends a row and is not returned. A stop string (lm-eval's `until`, e.g. "Question:") ends a row
+    at the token that completes it, which is returned: cut the decoded text at the string yourself, since a
+    token may straddle it. compile=True runs the decode step through torch.compile (one compilation per batch
+    size and cache length; worth it for long generations, not for a handful of tokens).
     """
-    stops = torch.tensor(sorted(set(stop_tokens if stop_tokens is not None else model.arch.eos_token_ids)),
-                         dtype=torch.long, device=model.device)
+    stop_ids = sorted(set(stop_tokens if stop_tokens is not None else model.arch.eos_token_ids))
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=model.device)
+    if stop_strings and model.tokenizer is None:
+        raise ValueError("stop_strings need the model's tokenizer; load it with tessera.load")
     pad_id = model.arch.pad_token_id if model.arch.pad_token_id is not None else 0
     ids, mask = left_pad(prompts, pad_id, model.device)
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     batch = ids.shape[0]
+    ends = [max_new_tokens] * batch  # where each row's returned tokens end
     # Cache lengths are rounded up so repeated generations reuse one compiled decode graph.
     model.setup_cache(batch, -(-(ids.shape[1] + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET)
     step = compiled_decode_step(model) if compile else model.decode_step
@@ -69,17 +74,22 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
             token = sample_next(logits, temperature, top_k, top_p, generator)
             token = torch.where(done, pad_id, token)
             out = torch.cat([out, token[:, None]], dim=1)
+            for row in torch.nonzero(~done & torch.isin(token, stops)).flatten().tolist():
+                ends[row] = i
             done |= torch.isin(token, stops)
+            if stop_strings:
+                for row in torch.nonzero(~done).flatten().tolist():
+                    # Only the tail can hold a string completed by this token: decode a short window.
+                    tail = model.tokenizer.decode(out[row, -32:].tolist(), skip_special_tokens=True)
+                    if any(s in tail for s in stop_strings):
+                        ends[row], done[row] = i + 1, True
             if i == max_new_tokens - 1 or bool(done.all()):
+                out = out[:, : i + 1]
                 break  # no forward pass for a token nobody will read
             logits = step(token[:, None])
     finally:
         model.reset_cache()
-    results = []
-    for row in out.tolist():
-        cut = next((j for j, t in enumerate(row) if t in set(stops.tolist())), len(row))
-        results.append(row[:cut])
-    return results
+    return [row[:end] for row, end in zip(out.tolist(), ends)]
 
 
 def compiled_decode_step(model: Transformer, mode: str | None = None):

@@ -62,7 +62,7 @@ class TesseraLM(_Base):
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             new = generate(self.model, [self.scorer.encode(context)], int(gen_kwargs.get("max_gen_toks", 256)),
-                           temperature=float(gen_kwargs.get("temperature", 0.0) or 0.0))[0]
+                           temperature=float(gen_kwargs.get("temperature", 0.0) or 0.0), stop_strings=until)[0]
             text = self.model.tokenizer.decode(new, skip_special_tokens=True)
             for stop in until:
                 text = text.split(stop)[0]

@@ -75,6 +75,10 @@ def score_items(scorer: Scorer, items: list[Item], progress=None, task_id=None) 
     return outcomes  # type: ignore[return-value]
 
 
+# lm-eval's gsm8k stops at "Question:" (the next shot); a blank line ends an answer in the shots too.
+GSM8K_UNTIL = ("Question:", "\n\n")
+
+
 def generate_items(model: Transformer, items: list[Item], batch_size: int, max_new_tokens: int = 256,
                    progress=None, task_id=None) -> list[dict[str, float]]:
     """gsm8k-style: greedy generation until 'Question:' or a blank line, exact match on the final number."""
@@ -85,9 +89,10 @@ def generate_items(model: Transformer, items: list[Item], batch_size: int, max_n
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
         prompts = [tok(it.contexts[0], add_special_tokens=False)["input_ids"] for it in batch]
-        for item, new in zip(batch, generate(model, prompts, max_new_tokens)):
+        for item, new in zip(batch, generate(model, prompts, max_new_tokens, stop_strings=GSM8K_UNTIL)):
             text = tok.decode(new, skip_special_tokens=True)
-            text = text.split("Question:")[0].split("\n\n")[0]
+            for stop in GSM8K_UNTIL:
+                text = text.split(stop)[0]
             outcomes.append({"exact_match": float(extract_number(text) == item.target)})
         if progress is not None:
             progress.advance(task_id, len(batch))
