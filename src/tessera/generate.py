@@ -50,12 +50,12 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     """Continue each prompt; returns the new tokens of each.
 
     A stop token ends a row and is not returned. A stop string (lm-eval's `until`, e.g. "Question:") ends a row
-    at the token that completes it, which is returned: cut the decoded text at the string yourself, since a
-    token may straddle it. compile=True runs the decode step through torch.compile (one compilation per batch
+    at the token that completes it, which is returned: a token may straddle the string, so cut the decoded text
+    with `cut_at_stop_strings`. compile=True runs the decode step through torch.compile (one compilation per batch
     size and cache length; worth it for long generations, not for a handful of tokens).
     """
-    stop_ids = sorted(set(stop_tokens if stop_tokens is not None else model.arch.eos_token_ids))
-    stops = torch.tensor(stop_ids, dtype=torch.long, device=model.device)
+    stops = torch.tensor(sorted(set(stop_tokens if stop_tokens is not None else model.arch.eos_token_ids)),
+                         dtype=torch.long, device=model.device)
     if stop_strings and model.tokenizer is None:
         raise ValueError("stop_strings need the model's tokenizer; load it with tessera.load")
     pad_id = model.arch.pad_token_id if model.arch.pad_token_id is not None else 0
@@ -74,9 +74,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
             token = sample_next(logits, temperature, top_k, top_p, generator)
             token = torch.where(done, pad_id, token)
             out = torch.cat([out, token[:, None]], dim=1)
-            for row in torch.nonzero(~done & torch.isin(token, stops)).flatten().tolist():
+            stopped = ~done & torch.isin(token, stops)
+            for row in torch.nonzero(stopped).flatten().tolist():
                 ends[row] = i
-            done |= torch.isin(token, stops)
+            done |= stopped
             if stop_strings:
                 for row in torch.nonzero(~done).flatten().tolist():
                     # Only the tail can hold a string completed by this token: decode a short window.
@@ -84,12 +85,18 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
                     if any(s in tail for s in stop_strings):
                         ends[row], done[row] = i + 1, True
             if i == max_new_tokens - 1 or bool(done.all()):
-                out = out[:, : i + 1]
                 break  # no forward pass for a token nobody will read
             logits = step(token[:, None])
     finally:
         model.reset_cache()
     return [row[:end] for row, end in zip(out.tolist(), ends)]
+
+
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+    """The text before the first of any stop string (what lm-eval's `until` keeps)."""
+    for stop in stop_strings:
+        text = text.split(stop)[0]
+    return text
 
 
 def compiled_decode_step(model: Transformer, mode: str | None = None):

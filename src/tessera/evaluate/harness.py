@@ -53,7 +53,7 @@ class TesseraLM(_Base):
         return out
 
     def generate_until(self, requests) -> list[str]:
-        from tessera.generate import generate
+        from tessera.generate import cut_at_stop_strings, generate
 
         out = []
         for r in requests:
@@ -63,8 +63,5 @@ class TesseraLM(_Base):
             until = [until] if isinstance(until, str) else list(until)
             new = generate(self.model, [self.scorer.encode(context)], int(gen_kwargs.get("max_gen_toks", 256)),
                            temperature=float(gen_kwargs.get("temperature", 0.0) or 0.0), stop_strings=until)[0]
-            text = self.model.tokenizer.decode(new, skip_special_tokens=True)
-            for stop in until:
-                text = text.split(stop)[0]
-            out.append(text)
+            out.append(cut_at_stop_strings(self.model.tokenizer.decode(new, skip_special_tokens=True), until))
         return out

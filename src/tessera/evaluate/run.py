@@ -82,7 +82,7 @@ GSM8K_UNTIL = ("Question:", "\n\n")
 def generate_items(model: Transformer, items: list[Item], batch_size: int, max_new_tokens: int = 256,
                    progress=None, task_id=None) -> list[dict[str, float]]:
     """gsm8k-style: greedy generation until 'Question:' or a blank line, exact match on the final number."""
-    from tessera.generate import generate
+    from tessera.generate import cut_at_stop_strings, generate
 
     tok = model.tokenizer
     outcomes = []
@@ -90,9 +90,7 @@ def generate_items(model: Transformer, items: list[Item], batch_size: int, max_n
         batch = items[start:start + batch_size]
         prompts = [tok(it.contexts[0], add_special_tokens=False)["input_ids"] for it in batch]
         for item, new in zip(batch, generate(model, prompts, max_new_tokens, stop_strings=GSM8K_UNTIL)):
-            text = tok.decode(new, skip_special_tokens=True)
-            for stop in GSM8K_UNTIL:
-                text = text.split(stop)[0]
+            text = cut_at_stop_strings(tok.decode(new, skip_special_tokens=True), GSM8K_UNTIL)
             outcomes.append({"exact_match": float(extract_number(text) == item.target)})
         if progress is not None:
             progress.advance(task_id, len(batch))
