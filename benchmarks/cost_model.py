@@ -20,6 +20,7 @@ from tessera.arch import ArchSpec, AttentionSpec, BlockSpec, FFNSpec
 from tessera.bench import run_once
 from tessera.checkpoint import _finish, default_parent_dir
 from tessera.cost import Scenario, predict
+from tessera.formats import read_config
 from tessera.hardware import GPUS, get_hardware
 from tessera.model import Transformer
 
@@ -59,7 +60,7 @@ def build(arch: ArchSpec) -> Transformer:
 
 
 def cpu_validation(scenario: Scenario, reps: int) -> list[tuple]:
-    parent_arch = ArchSpec.from_file(default_parent_dir())
+    parent_arch = read_config(default_parent_dir())
     cpu = get_hardware("cpu", recalibrate=True)
     print(f"cpu profile: {cpu.mem_bw / 1e9:.1f} GB/s GEMV bandwidth, {cpu.flops['fp32'] / 1e9:.0f} GFLOP/s fp32, "
           f"{cpu.op_overhead_s * 1e6:.1f} us per op")
@@ -91,11 +92,11 @@ def cpu_validation(scenario: Scenario, reps: int) -> list[tuple]:
 
 def gpu_predictions() -> None:
     hw = GPUS["h100"]
-    base = ArchSpec.from_file(CONFIGS / "llama-3.1-8b")
+    base = read_config(CONFIGS / "llama-3.1-8b")
     print("\nH100 (bf16, best batch that fits, per GPU) predicted speed-up over Llama-3.1-8B")
     print(f"{'model':>30} " + " ".join(f"{s:>10}" for s in H100_SCENARIOS) + f" {'mean':>6} {'published':>9}")
     for name, published in PUBLISHED.items():
-        arch = ArchSpec.from_file(CONFIGS / name)
+        arch = read_config(CONFIGS / name)
         ratios = []
         for s in H100_SCENARIOS:
             sc = Scenario.parse(s)

@@ -21,6 +21,7 @@ from tessera.arch import ArchSpec  # noqa: E402
 from tessera.bench import run_once  # noqa: E402
 from tessera.checkpoint import _finish  # noqa: E402
 from tessera.cost import Scenario, predict  # noqa: E402
+from tessera.formats import read_config
 from tessera.generate import CudaGraphDecode  # noqa: E402
 from tessera.hardware import GPUS  # noqa: E402
 from tessera.model import Transformer  # noqa: E402
@@ -55,7 +56,7 @@ def main() -> None:
     hw = GPUS["h100"]
     name = torch.cuda.get_device_name()
     groups = {
-        "llama-3.1-8b": {n: ArchSpec.from_file(CONFIGS / n) for n in
+        "llama-3.1-8b": {n: read_config(CONFIGS / n) for n in
                          ("llama-3.1-8b", "llama-3.1-minitron-4b-width", "llama-3.1-minitron-4b-depth")},
         "smollm2-135m": {"smollm2-135m": SMOLLM2, **children(SMOLLM2)},
     }

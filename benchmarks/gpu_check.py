@@ -18,6 +18,7 @@ import torch
 
 from tessera.arch import ArchSpec
 from tessera.checkpoint import _finish
+from tessera.formats import read_config, to_hf_config
 from tessera.generate import generate
 from tessera.model import Transformer
 
@@ -38,7 +39,7 @@ def random_model(arch: ArchSpec, seed: int = 0) -> Transformer:
 def hf_twin(model: Transformer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = {k: v for k, v in model.arch.to_hf_config().items() if k not in ("architectures", "model_type")}
+    cfg = {k: v for k, v in to_hf_config(model.arch).items() if k not in ("architectures", "model_type")}
     hf = LlamaForCausalLM(LlamaConfig(**cfg))
     hf.load_state_dict(model.state_dict(), strict=False)
     hf.tie_weights()
@@ -66,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    arch = ArchSpec.from_file(args.arch_config) if args.arch_config else SMOLLM2
+    arch = read_config(args.arch_config) if args.arch_config else SMOLLM2
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
 
     cpu = random_model(arch)

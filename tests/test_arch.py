@@ -3,22 +3,23 @@ import json
 import pytest
 
 from helpers import mixed_arch, tiny_arch
-from tessera.arch import ArchSpec, AttentionSpec, BlockSpec, FFNSpec, ffn_mult_for, nas_ffn_width
+from tessera.arch import ArchSpec, AttentionSpec, BlockSpec, FFNSpec
 from tessera.errors import TesseraError
+from tessera.formats import ffn_mult_for, from_hf_config, nas_ffn_width, to_hf_config
 
 
 def test_homogeneous_round_trips_as_plain_llama():
     arch = tiny_arch(rope_scaling=True, tied=True)
-    cfg = arch.to_hf_config()
+    cfg = to_hf_config(arch)
     assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
     assert "block_configs" not in cfg and cfg["num_key_value_heads"] == 2 and cfg["intermediate_size"] == 64
     assert cfg["rope_scaling"]["rope_type"] == "llama3"
-    assert ArchSpec.from_hf_config(json.loads(json.dumps(cfg))) == arch
+    assert from_hf_config(json.loads(json.dumps(cfg))) == arch
 
 
 def test_heterogeneous_round_trips_as_nemotron_nas():
     arch = mixed_arch()
-    cfg = arch.to_hf_config()
+    cfg = to_hf_config(arch)
     assert cfg["model_type"] == "nemotron-nas" and cfg["architectures"] == ["DeciLMForCausalLM"]
     assert cfg["intermediate_size"] is None and cfg["num_key_value_heads"] is None
     blocks = cfg["block_configs"]
@@ -28,7 +29,7 @@ def test_heterogeneous_round_trips_as_nemotron_nas():
     assert blocks[2]["ffn"]["replace_with_linear"] and blocks[3]["attention"]["no_op"] and blocks[4]["ffn"]["no_op"]
     # widths that ffn_mult cannot express (not multiples of 256) also carry intermediate_size
     assert blocks[1]["ffn"]["intermediate_size"] == 24
-    assert ArchSpec.from_hf_config(json.loads(json.dumps(cfg))) == arch
+    assert from_hf_config(json.loads(json.dumps(cfg))) == arch
 
 
 def test_nas_ffn_width_matches_vllm_rule_for_nemotron_51b():
@@ -44,17 +45,17 @@ def test_multiple_of_256_widths_need_no_intermediate_size():
     arch = ArchSpec.llama(vocab_size=10, hidden_size=8192, num_layers=2, num_attention_heads=64, num_kv_heads=8,
                           intermediate_size=28672)
     arch = arch.replace_block(1, BlockSpec(AttentionSpec("gqa", 1), FFNSpec("swiglu", 7168)))
-    ffn = arch.to_hf_config()["block_configs"][1]["ffn"]
+    ffn = to_hf_config(arch)["block_configs"][1]["ffn"]
     assert "intermediate_size" not in ffn and ffn["ffn_mult"] == 1.3125
 
 
 def test_minimal_three_key_nas_form_is_accepted():
-    cfg = tiny_arch().to_hf_config() | {"model_type": "nemotron-nas", "intermediate_size": None}
+    cfg = to_hf_config(tiny_arch()) | {"model_type": "nemotron-nas", "intermediate_size": None}
     cfg["block_configs"] = [
         {"attention": {"n_heads_in_group": 2}, "ffn": {"intermediate_size": 48}},
         {"attention": {"no_op": True}, "ffn": {"replace_with_linear": True}},
     ]
-    arch = ArchSpec.from_hf_config(cfg)
+    arch = from_hf_config(cfg)
     assert arch.blocks[0] == BlockSpec(AttentionSpec("gqa", 2), FFNSpec("swiglu", 48))
     assert arch.blocks[1] == BlockSpec(AttentionSpec("no_op"), FFNSpec("linear"))
 
@@ -70,17 +71,17 @@ def test_minimal_three_key_nas_form_is_accepted():
     ],
 )
 def test_bad_configs_give_one_clear_line(mutate, message):
-    cfg = mixed_arch().to_hf_config()
+    cfg = to_hf_config(mixed_arch())
     mutate(cfg)
     with pytest.raises(TesseraError, match=message) as info:
-        ArchSpec.from_hf_config(cfg)
+        from_hf_config(cfg)
     assert "\n" not in str(info.value)
 
 
 def test_heads_not_divisible_by_kv_heads_in_llama_config():
-    cfg = tiny_arch().to_hf_config() | {"num_key_value_heads": 3}
+    cfg = to_hf_config(tiny_arch()) | {"num_key_value_heads": 3}
     with pytest.raises(TesseraError, match="not divisible by num_key_value_heads=3"):
-        ArchSpec.from_hf_config(cfg)
+        from_hf_config(cfg)
 
 
 def test_parameter_and_kv_accounting():
@@ -95,5 +96,5 @@ def test_parameter_and_kv_accounting():
 
 
 def test_unknown_config_keys_survive_round_trip():
-    cfg = tiny_arch().to_hf_config() | {"my_custom_key": [1, 2]}
-    assert ArchSpec.from_hf_config(cfg).to_hf_config()["my_custom_key"] == [1, 2]
+    cfg = to_hf_config(tiny_arch()) | {"my_custom_key": [1, 2]}
+    assert to_hf_config(from_hf_config(cfg))["my_custom_key"] == [1, 2]

@@ -6,6 +6,7 @@ from typer.testing import CliRunner
 import tessera
 from helpers import assert_one_line_error, mixed_arch, random_model, tiny_arch, tiny_tokenizer
 from tessera.cli import app
+from tessera.formats import config_json
 
 runner = CliRunner()
 
@@ -16,7 +17,7 @@ def run(*args):
 
 
 def test_inspect_json_on_config_only_directory(tmp_path):
-    (tmp_path / "config.json").write_text(mixed_arch().to_json())
+    (tmp_path / "config.json").write_text(config_json(mixed_arch()))
     out = json.loads(run("inspect", tmp_path, "--json").output)
     assert [r["attention"] for r in out["layers"]] == ["gqa", "gqa", "linear", "no_op", "gqa"]
     assert [r["ffn_width"] for r in out["layers"]] == [64, 24, 0, 40, 0]
@@ -25,7 +26,7 @@ def test_inspect_json_on_config_only_directory(tmp_path):
 
 
 def test_inspect_table(tmp_path):
-    (tmp_path / "config.json").write_text(mixed_arch().to_json())
+    (tmp_path / "config.json").write_text(config_json(mixed_arch()))
     result = run("inspect", tmp_path)
     assert result.exit_code == 0 and "linear" in result.output and "no_op" in result.output
     assert f"{mixed_arch().num_params():,}" in result.output

@@ -9,6 +9,7 @@ from tessera.arch import ArchSpec, AttentionSpec, BlockSpec, FFNSpec
 from tessera.cli import app
 from tessera.cost import DTYPE_BYTES, Scenario, block_cost, block_cost_table, predict, weight_bytes
 from tessera.errors import TesseraError
+from tessera.formats import config_json
 from tessera.hardware import GPUS, get_hardware
 
 LLAMA_8B = ArchSpec.llama(vocab_size=128256, hidden_size=4096, num_layers=32, num_attention_heads=32, num_kv_heads=8,
@@ -98,12 +99,12 @@ def test_unknown_hardware_and_scenario():
 
 
 def test_cost_cli_on_config_only_directory(tmp_path):
-    (tmp_path / "config.json").write_text(LLAMA_8B.to_json())
+    (tmp_path / "config.json").write_text(config_json(LLAMA_8B))
     out = CliRunner().invoke(app, ["cost", str(tmp_path), "--gpu", "h100", "--scenario", "128/1024", "--json"])
     assert out.exit_code == 0
     data = json.loads(out.output)
     assert data["hardware"] == "h100" and data["batch"] > 1 and data["output_tokens_per_s"] > 0
     big = replace(LLAMA_8B, blocks=LLAMA_8B.blocks * 10)
-    (tmp_path / "config.json").write_text(big.to_json())
+    (tmp_path / "config.json").write_text(config_json(big))
     out = CliRunner().invoke(app, ["cost", str(tmp_path), "--gpu", "l40s"])
     assert out.exit_code == 2 and out.output.startswith("error:") and "does not fit" in out.output

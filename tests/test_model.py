@@ -3,11 +3,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers import mixed_arch, random_model, tiny_arch, tiny_tokenizer
+from tessera.formats import to_hf_config
 from tessera.generate import generate, left_pad, sample_next
 
 
 def hf_llama(model):
-    cfg = {k: v for k, v in model.arch.to_hf_config().items() if k not in ("architectures", "model_type")}
+    cfg = {k: v for k, v in to_hf_config(model.arch).items() if k not in ("architectures", "model_type")}
     hf = LlamaForCausalLM(LlamaConfig(**cfg)).eval()
     result = hf.load_state_dict(model.state_dict(), strict=False)
     assert not result.missing_keys or result.missing_keys == ["lm_head.weight"]

@@ -1,6 +1,7 @@
 import json
 
 from helpers import mixed_arch, tiny_arch
+from tessera.formats import config_json
 from tessera.plots import pareto_front, plot_architecture, plot_frontier
 
 
@@ -25,7 +26,7 @@ def test_plot_cli(tmp_path):
     from tessera.cli import app
 
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text(mixed_arch().to_json())
+    (tmp_path / "m" / "config.json").write_text(config_json(mixed_arch()))
     res = CliRunner().invoke(app, ["plot", "arch", str(tmp_path / "m"), "--out", str(tmp_path / "a.png")])
     assert res.exit_code == 0 and (tmp_path / "a.png").is_file()
     (tmp_path / "pts.json").write_text(json.dumps([{"name": "x", "throughput": 1}]))

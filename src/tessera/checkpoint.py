@@ -17,7 +17,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from tessera.arch import ArchSpec
 from tessera.errors import TesseraError
+from tessera.formats import from_hf_config, read_config, to_hf_config
+from tessera.io import atomic_dir
 from tessera.model import Transformer
 
 DEFAULT_NAME = "default"
@@ -79,7 +80,7 @@ def _load_dir(path: Path) -> Transformer:
     config = path / "config.json"
     if not config.is_file():
         raise TesseraError(f"{path}: no config.json; a model directory needs config.json plus safetensors weights")
-    arch = ArchSpec.from_file(config)
+    arch = read_config(config)
     state = read_state_dict(path)
     model = from_state_dict(arch, state, source=str(path))
     prov = path / PROVENANCE_FILE
@@ -209,7 +210,7 @@ def _load_gguf(file: Path) -> Transformer:
     cfg = hf.config.to_dict()
     cfg.pop("quantization_config", None)
     # GGUF stores eps as float32 (9.99999974738e-06); keep it: it is the value the weights were run with.
-    arch = ArchSpec.from_hf_config(cfg, source=str(file))
+    arch = from_hf_config(cfg, source=str(file))
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     del hf
     model = from_state_dict(arch, state, source=str(file))
@@ -249,31 +250,14 @@ def save(model: Transformer, out_dir: str | os.PathLike, *, force: bool = False,
     Atomic: everything is written to a temp directory next to `out_dir` and renamed into place.
     """
     out = Path(out_dir).expanduser()
-    if out.exists() and not force:
-        raise TesseraError(f"{out}: already exists; choose another output directory or pass --force to overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out, force=force) as tmp:
         _write_checkpoint(model, tmp, max_shard_bytes, extra_files or {})
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def _write_checkpoint(model: Transformer, tmp: Path, max_shard_bytes: int, extra_files: dict[str, Any]) -> None:
     arch = model.arch
-    config = arch.to_hf_config()
+    config = to_hf_config(arch)
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     gen = {"bos_token_id": arch.bos_token_id, "do_sample": False,
@@ -340,7 +324,7 @@ def _natural_key(name: str):
 
 def fingerprint(model: Transformer) -> str:
     """A content hash of architecture and weights: a cache key for evaluation results."""
-    h = hashlib.sha256(json.dumps(model.arch.to_hf_config(), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(to_hf_config(model.arch), sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(tensor.dtype).encode())

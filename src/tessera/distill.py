@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tessera.errors import TesseraError
+from tessera.io import atomic_dir
 from tessera.model import Transformer
 
 
@@ -103,24 +102,16 @@ def kd_loss(t_logits, s_logits, temperature: float, t_hidden=None, s_hidden=None
 
 # ---------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, student: Transformer, optimizer, step: int, cfg: DistillConfig, log: list) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
-    if student.arch.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(tmp / "student.safetensors"))
-    rng = {"rng": torch.get_rng_state()}
-    if torch.cuda.is_available():  # resume on GPU is bit-exact too (nothing in the loop draws from it today)
-        rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), **rng}, tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(cfg), "log": log}, indent=2))
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(path, force=True) as tmp:
+        state = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
+        if student.arch.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        save_file(state, str(tmp / "student.safetensors"))
+        rng = {"rng": torch.get_rng_state()}
+        if torch.cuda.is_available():  # resume on GPU is bit-exact too (nothing in the loop draws from it today)
+            rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch.save({"optimizer": optimizer.state_dict(), **rng}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(cfg), "log": log}, indent=2))
 
 
 def load_checkpoint(path: Path, student: Transformer, optimizer) -> tuple[int, list]:

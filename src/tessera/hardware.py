@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from tessera.errors import TesseraError
+from tessera.io import atomic_write_json
 
 TFLOPS = 1e12
 GB = 1e9
@@ -79,10 +80,7 @@ def cpu_profile(recalibrate: bool = False) -> Hardware:
     if path.is_file() and not recalibrate:
         return Hardware(**json.loads(path.read_text()))
     hw = calibrate_cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(hw), indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, asdict(hw))
     return hw
 
 

@@ -14,6 +14,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from tessera.arch import ArchSpec, llama3_inv_freq
+from tessera.formats import from_hf_config
 from tessera.model import Transformer
 
 
@@ -25,7 +26,7 @@ class NemotronNASConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def arch(self) -> ArchSpec:
-        return ArchSpec.from_hf_config(self.to_dict(), source="nemotron-nas config")
+        return from_hf_config(self.to_dict(), source="nemotron-nas config")
 
 
 class DeciLMForCausalLM(PreTrainedModel, GenerationMixin):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from tessera.errors import TesseraError
+from tessera.io import atomic_path
 from tessera.model import Attention, SwiGLU, Transformer
 
 REDUCERS = {
@@ -67,10 +68,8 @@ class Importance:
         for name in ("channels", "block_importance", "drop_loss", "drop_kl"):
             if getattr(self, name) is not None:
                 tensors[name] = getattr(self, name).contiguous()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"meta": json.dumps(self.meta, sort_keys=True)})
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"meta": json.dumps(self.meta, sort_keys=True)})
         return path
 
     @staticmethod

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tessera.evaluate.metrics import aggregate, extract_number, item_outcome
 from tessera.evaluate.scoring import Scorer
 from tessera.evaluate.tasks import Item, Task, bench_dir, get_task, load_items
+from tessera.io import atomic_write_json
 from tessera.model import Transformer
 
 PAIR_CHUNK = 64  # items whose pairs are batched together on the full-sequence path
@@ -29,13 +29,6 @@ def cache_path(fingerprint: str, task: Task, limit: int | None, data_dir: Path) 
     where = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:8]  # different data, different entry
     tag = f"{task.name}-limit{limit or 'all'}-v{task.version}-{where}"
     return tessera_home() / "eval-cache" / fingerprint / f"{tag}.json"
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def score_items(scorer: Scorer, items: list[Item], progress=None, task_id=None) -> list[dict[str, float]]:
@@ -128,5 +121,5 @@ def evaluate_tasks(model: Transformer, tasks: list[str], *, limit: int | None = 
             metrics = aggregate(items, outcomes, task.metrics) | {"seconds": round(seconds, 2), "limit": limit}
             results[task.name] = metrics
             if path is not None:
-                _write_json_atomic(path, metrics)
+                atomic_write_json(path, metrics)
     return results

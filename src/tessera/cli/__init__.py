@@ -1,0 +1,16 @@
+"""`tessera` command line: a thin typer dispatch over documented library functions, one module per command group.
+
+    models    inspect, generate, convert, demo
+    evaluate  eval, perplexity, kld
+    minitron  importance, prune, distill
+    speed     bench, cost, plot
+"""
+
+# isort: off
+# Import order is the order of `tessera --help`; each module registers its commands on `app`.
+from tessera.cli import models, evaluate, minitron, speed  # noqa: F401
+from tessera.cli.app import app, main
+
+# isort: on
+
+__all__ = ["app", "main"]

@@ -1,0 +1,89 @@
+"""Evaluation commands: eval, perplexity, kld."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from tessera.cli.app import app, console, friendly
+from tessera.io import atomic_write_text, refuse_overwrite
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(model: str = typer.Argument(..., help="'default', a model directory or .gguf"),
+             tasks: str = typer.Option(None, "--tasks", "-t",
+                                       help="comma-separated task names or custom .jsonl files (default: all but gsm8k)"),
+             limit: int = typer.Option(None, "--limit", min=1, help="first N items of each task"),
+             batch_size: int = typer.Option(16, "--batch-size", min=1),
+             baseline: str = typer.Option(None, "--baseline", help="parent model: adds the accuracy-preserved table"),
+             data_dir: Path = typer.Option(None, "--data-dir", envvar="TESSERA_BENCH_DIR", help="benchmark data root"),
+             out: Path = typer.Option(None, "--out", help="write results JSON here (+ .md table with --baseline)"),
+             no_cache: bool = typer.Option(False, "--no-cache", help="ignore and do not write the results cache"),
+             force: bool = typer.Option(False, "--force", help="overwrite --out")):
+    """Accuracy on multiple-choice benchmarks (lm-eval-harness prompts), with standard errors."""
+    from tessera.checkpoint import load
+    from tessera.evaluate import DEFAULT_TASKS, accuracy_preserved, evaluate_tasks, get_task, render_preserved_markdown
+    from tessera.evaluate.table import rich_preserved_table, rich_results_table
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else list(DEFAULT_TASKS)
+    if out:
+        refuse_overwrite(out, force)
+        if baseline:
+            refuse_overwrite(out.with_suffix(".md"), force)
+    for name in names:
+        get_task(name)
+    kwargs = dict(limit=limit, batch_size=batch_size, data_dir=data_dir, use_cache=not no_cache)
+    results = evaluate_tasks(load(model), names, **kwargs)
+    console.print(rich_results_table(results, title=f"{model}" + (f" (limit {limit})" if limit else "")))
+    payload = {"model": model, "limit": limit, "results": results}
+    if baseline:
+        parent = evaluate_tasks(load(baseline), names, **kwargs)
+        table = accuracy_preserved(results, parent)
+        console.print(rich_preserved_table(table, title=f"accuracy preserved: {model} vs {baseline}"))
+        payload |= {"baseline": baseline, "baseline_results": parent, "preserved": table}
+        if out:
+            atomic_write_text(out.with_suffix(".md"), render_preserved_markdown(table))
+    if out:
+        atomic_write_text(out, json.dumps(payload, indent=2, sort_keys=True))
+        console.print(f"wrote {out}")
+
+
+@app.command()
+@friendly
+def perplexity(model: str = typer.Argument(...), file: Path = typer.Argument(..., help="text or JSONL file"),
+               max_len: int = typer.Option(None, "--max-len", help="window (default: min(max positions, 2048))"),
+               stride: int = typer.Option(None, "--stride", help="window step (default: the window)"),
+               max_tokens: int = typer.Option(None, "--max-tokens", help="score only the first N tokens")):
+    """Perplexity of a text with a sliding window; each token is scored once."""
+    from tessera.checkpoint import load
+    from tessera.data import read_text
+    from tessera.evaluate.perplexity import perplexity as ppl
+
+    m = load(model)
+    text = read_text(file)
+    if max_tokens:
+        ids = m.tokenizer(text[: max_tokens * 12], add_special_tokens=False)["input_ids"][:max_tokens]
+        text = m.tokenizer.decode(ids)
+    r = ppl(m, text, max_len, stride)
+    console.print(f"perplexity {r.perplexity:.3f} over {r.tokens:,} tokens (bits/byte {r.bits_per_byte:.4f})")
+
+
+@app.command()
+@friendly
+def kld(parent: str = typer.Argument(...), child: str = typer.Argument(...),
+        file: Path = typer.Argument(None, help="text or JSONL file (default: the shared corpus)"),
+        seq_len: int = typer.Option(256, "--seq-len", min=2), max_tokens: int = typer.Option(32768, "--max-tokens"),
+        batch_size: int = typer.Option(8, "--batch-size", min=1)):
+    """Mean per-token KL(parent || child) and top-1 agreement on a text (Puzzle's block-scoring metric)."""
+    from tessera.checkpoint import load
+    from tessera.data import load_chunks
+    from tessera.evaluate import mean_kld
+
+    p, c = load(parent), load(child)
+    chunks = load_chunks(p.tokenizer, file, seq_len=seq_len, max_tokens=max_tokens, heldout_fraction=0.0)
+    r = mean_kld(p, c, chunks.train, batch_size)
+    console.print(f"KL(parent || child) = {r.kld:.5f} nats/token, top-1 agreement {100 * r.top1:.2f}% "
+                  f"over {r.tokens:,} tokens")

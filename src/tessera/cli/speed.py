@@ -1,0 +1,115 @@
+"""Speed commands: bench (measured), cost (predicted), plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from tessera.cli.app import app, console, err_console, friendly, int_list, load_arch
+from tessera.errors import TesseraError
+from tessera.io import refuse_overwrite
+
+
+@app.command()
+@friendly
+def bench(model: str = typer.Argument(..., help="'default', a model directory or .gguf"),
+          scenarios: str = typer.Option("128/128,128/1024,2048/128", help="comma-separated IN/OUT token lengths"),
+          batch_sizes: str = typer.Option("1", "--batch-sizes", help="comma-separated batch sizes"),
+          device: str = typer.Option("cpu", help="cpu | cuda"),
+          dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default: float32 on cpu, bf16 on cuda)"),
+          reps: int = typer.Option(3, min=1), compile: bool = typer.Option(False, help="torch.compile the decode step"),
+          cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="replay the decode step as a CUDA graph"),
+          as_json: bool = typer.Option(False, "--json")):
+    """Measured prefill / decode / end-to-end tokens/s over the KV cache, per serving scenario and batch."""
+    import torch
+
+    from tessera.bench import bench as run_bench
+    from tessera.checkpoint import load
+    from tessera.cost import Scenario
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TesseraError("--device cuda but no CUDA device is visible; use --device cpu")
+    scen = [Scenario.parse(x.strip()) for x in scenarios.split(",") if x.strip()]
+    sizes = int_list(batch_sizes, "--batch-sizes")
+    m = load(model, dtype=dtype or ("bfloat16" if device == "cuda" else None), device=device, with_tokenizer=False)
+    if cuda_graphs and device != "cuda":
+        raise TesseraError("--cuda-graphs needs --device cuda")
+    results = run_bench(m, scen, sizes, reps=reps, compile=compile, cuda_graphs=cuda_graphs,
+                        progress=None if as_json else lambda r: err_console.print(f"  {r.scenario} batch {r.batch} done"))
+    if as_json:
+        typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
+        return
+    table = Table(title=f"{model} on {device} ({m.dtype}), median of {reps}")
+    for col in ("scenario", "batch", "prefill tok/s", "decode tok/s", "decode min..max", "end-to-end tok/s"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(r.scenario, str(r.batch), f"{r.prefill_tok_s:,.1f}", f"{r.decode_tok_s:,.1f}",
+                      f"{r.decode_spread[0]:,.1f}..{r.decode_spread[1]:,.1f}", f"{r.e2e_tok_s:,.1f}")
+    console.print(table)
+
+
+@app.command()
+@friendly
+def cost(model: str = typer.Argument(..., help="model directory (config.json alone is enough), 'default' or .gguf"),
+         gpu: str = typer.Option("h100", "--gpu", help="h100 | h200 | a100 | b200 | l40s | cpu"),
+         dtype: str = typer.Option("bf16", help="fp32 | bf16 | fp8 | nvfp4 (weights and compute)"),
+         scenario: str = typer.Option("128/1024", help="IN/OUT token lengths"),
+         tp: int = typer.Option(1, "--tp", min=1, help="tensor-parallel GPUs"),
+         batch: str = typer.Option("auto", help="batch size, or auto (best throughput that fits)"),
+         as_json: bool = typer.Option(False, "--json")):
+    """Predicted throughput from the roofline cost model (no weights needed)."""
+    from tessera.cost import Scenario, predict
+    from tessera.hardware import get_hardware
+
+    arch = load_arch(model)
+    hw = get_hardware(gpu)
+    if batch != "auto" and not batch.isdigit():
+        raise TesseraError(f"--batch must be a positive integer or 'auto', got {batch!r}")
+    p = predict(arch, hw, Scenario.parse(scenario), dtype=dtype, batch=batch, tp=tp)
+    if as_json:
+        typer.echo(json.dumps(p.as_dict(), indent=2))
+        return
+    console.print(f"[bold]{model}[/] on {tp} x {hw.name}, {dtype}, scenario {scenario}: batch {p.batch}")
+    console.print(f"  memory per GPU: weights {p.weight_bytes / tp / 1e9:.2f} GB + KV cache {p.kv_bytes / tp / 1e9:.2f} GB "
+                  f"(usable {p.memory_bytes / 1e9:.1f} GB)")  # tensor parallelism splits both across tp GPUs
+    console.print(f"  prefill {p.prefill_s:.3f} s, decode {p.decode_s:.3f} s per batch")
+    console.print(f"  throughput per GPU: {p.output_tokens_per_s:,.0f} output tok/s "
+                  f"(decode {p.decode_tokens_per_s:,.0f} tok/s, prefill {p.prefill_tokens_per_s:,.0f} tok/s)")
+
+
+plot_app = typer.Typer(help="Plots: efficient frontier, per-layer architecture.", no_args_is_help=True)
+app.add_typer(plot_app, name="plot")
+
+
+@plot_app.command("frontier")
+@friendly
+def plot_frontier_cmd(points: Path = typer.Argument(..., help='JSON list of {"name", "throughput", "quality", "kind"}'),
+                      out: Path = typer.Option(Path("frontier.png"), "--out"),
+                      force: bool = typer.Option(False, "--force", help="overwrite OUT")):
+    """Quality vs throughput of parent, children and baselines, with the Pareto frontier."""
+    from tessera.plots import plot_frontier
+
+    refuse_overwrite(out, force)
+    try:
+        data = json.loads(points.read_text())
+    except (OSError, json.JSONDecodeError):
+        data = None
+    if not (isinstance(data, list) and all(isinstance(p, dict) and {"name", "throughput", "quality"} <= set(p)
+                                           for p in data)):
+        raise TesseraError(f"{points}: expected a JSON list of objects with name, throughput and quality")
+    console.print(f"wrote {plot_frontier(data, out)}")
+
+
+@plot_app.command("arch")
+@friendly
+def plot_arch_cmd(model: str = typer.Argument(...), out: Path = typer.Option(Path("arch.png"), "--out"),
+                  parent: str = typer.Option(None, help="draw the parent's widths as reference lines"),
+                  force: bool = typer.Option(False, "--force", help="overwrite OUT")):
+    """Per-layer KV heads and FFN width of a model; no-op and linear sub-blocks marked."""
+    from tessera.plots import plot_architecture
+
+    refuse_overwrite(out, force)
+    console.print(f"wrote {plot_architecture(load_arch(model), out, parent=load_arch(parent) if parent else None)}")

@@ -1,0 +1,16 @@
+"""On-disk formats and serving engines: config.json translation (llama / nemotron-nas), and the rules of what each
+engine can load. `tessera.arch.ArchSpec` keeps the shape and its arithmetic; this package speaks to the outside."""
+
+from tessera.formats.hf_config import (
+    NAS_FFN_MULTIPLE,
+    SUPPORTED_MODEL_TYPES,
+    config_json,
+    ffn_mult_for,
+    from_hf_config,
+    nas_ffn_width,
+    read_config,
+    to_hf_config,
+)
+
+__all__ = ["NAS_FFN_MULTIPLE", "SUPPORTED_MODEL_TYPES", "config_json", "ffn_mult_for", "from_hf_config",
+           "nas_ffn_width", "read_config", "to_hf_config"]
