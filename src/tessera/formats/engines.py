@@ -1,0 +1,96 @@
+"""What each serving engine can run: one rule set for inspect, save/export, pruning and Puzzle's variant filter.
+
+* vllm (nemotron-nas loader): no `replace_with_linear` path (attention or FFN); the FFN width of a heterogeneous
+  child is recomputed from `ffn_mult` as round_up(int(2 * ffn_mult * hidden / 3), 256), so a width that rule
+  cannot express is served at the wrong width. A homogeneous child is a plain Llama: any width.
+* llamacpp (`deci` architecture): no linear FFN; its graph skips the rest of a layer whose FFN is no-op, so a
+  layer with real attention and a no-op FFN is silently run as the identity.
+* transformers: everything, after `import tessera` (which registers the nemotron-nas classes).
+
+Rules are given per sub-block (`sub_block_reason`, for filtering a variant on its own), per layer
+(`block_reason`, which adds the rules that pair attention with FFN) and per model (`incompatibilities`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tessera.arch import ArchSpec, AttentionSpec, BlockSpec, FFNSpec
+from tessera.errors import TesseraError
+from tessera.formats.hf_config import NAS_FFN_MULTIPLE, ffn_mult_for, nas_ffn_width
+
+ENGINES = ("vllm", "llamacpp", "transformers")
+
+
+@dataclass(frozen=True)
+class Incompatibility:
+    engine: str
+    layer: int | None  # None: the whole model
+    part: str  # "attention" | "ffn" | "block"
+    reason: str
+
+    def __str__(self) -> str:
+        where = f"layer {self.layer} {self.part}" if self.layer is not None else self.part
+        return f"{self.engine}: {where}: {self.reason}"
+
+
+def check_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise TesseraError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    return engine
+
+
+def ffn_width_expressible(width: int, hidden_size: int) -> bool:
+    """True when vLLM's ffn_mult rule gives back exactly `width` from the ffn_mult tessera writes."""
+    return nas_ffn_width(ffn_mult_for(width, hidden_size), hidden_size) == width
+
+
+def round_ffn_width(width: int, hidden_size: int, engine: str | None) -> int:
+    """The nearest width not above `width` that `engine` serves exactly (vLLM: a multiple of 256 it can express;
+    at least one multiple). Other engines take any width."""
+    if engine != "vllm":
+        return width
+    w = max(NAS_FFN_MULTIPLE, width // NAS_FFN_MULTIPLE * NAS_FFN_MULTIPLE)
+    while w > NAS_FFN_MULTIPLE and not ffn_width_expressible(w, hidden_size):
+        w -= NAS_FFN_MULTIPLE
+    return w
+
+
+def sub_block_reason(engine: str, arch: ArchSpec, spec: AttentionSpec | FFNSpec, *,
+                     heterogeneous: bool = True) -> str | None:
+    """Why `engine` cannot serve this attention or FFN variant on its own, or None. `heterogeneous=False` when the
+    model will be saved as a plain Llama config (vLLM then reads intermediate_size directly)."""
+    check_engine(engine)
+    if engine == "vllm":
+        if spec.kind == "linear":
+            return "vLLM's nemotron-nas loader has no replace_with_linear path"
+        if isinstance(spec, FFNSpec) and spec.kind == "swiglu" and heterogeneous and \
+                not ffn_width_expressible(spec.intermediate_size, arch.hidden_size):
+            return (f"FFN width {spec.intermediate_size} cannot be expressed by ffn_mult (vLLM would serve "
+                    f"{nas_ffn_width(ffn_mult_for(spec.intermediate_size, arch.hidden_size), arch.hidden_size)})")
+    if engine == "llamacpp" and isinstance(spec, FFNSpec) and spec.kind == "linear":
+        return "llama.cpp's deci architecture has no linear FFN"
+    return None
+
+
+def block_reason(engine: str, arch: ArchSpec, block: BlockSpec, *, heterogeneous: bool = True) -> tuple[str, str] | None:
+    """(part, reason) for the first thing `engine` cannot serve in this layer, or None."""
+    for part, spec in (("attention", block.attention), ("ffn", block.ffn)):
+        reason = sub_block_reason(engine, arch, spec, heterogeneous=heterogeneous)
+        if reason:
+            return part, reason
+    if engine == "llamacpp" and block.ffn.kind == "no_op" and block.attention.kind != "no_op":
+        return "block", ("llama.cpp skips the rest of a layer whose FFN is no-op, dropping its attention output "
+                         "(only a fully empty layer is served right)")
+    return None
+
+
+def incompatibilities(arch: ArchSpec, engine: str) -> list[Incompatibility]:
+    """Every layer of `arch` that `engine` would refuse or serve wrong, with the reason."""
+    check_engine(engine)
+    out = []
+    for i, block in enumerate(arch.blocks):
+        found = block_reason(engine, arch, block, heterogeneous=not arch.is_homogeneous)
+        if found:
+            out.append(Incompatibility(engine, i, *found))
+    return out
