@@ -155,10 +155,17 @@ def from_state_dict(arch: ArchSpec, state: dict[str, torch.Tensor], source: str 
                                f"implies {tuple(shape)}; the config and weights must come from the same model")
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) > 1:  # keep norms and matrices in one dtype, the widest present
-        wide = torch.float32 if torch.float32 in dtypes else next(iter(dtypes))
+        wide = common_dtype(dtypes)
         state = {k: v.to(wide) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     return _finish(model)
+
+
+def common_dtype(dtypes: set[torch.dtype]) -> torch.dtype:
+    """The dtype a model built from tensors of `dtypes` takes: theirs, or the widest present when they are mixed."""
+    if len(dtypes) > 1:
+        return torch.float32 if torch.float32 in dtypes else next(iter(dtypes))
+    return next(iter(dtypes))
 
 
 def _finish(model: Transformer) -> Transformer:
@@ -257,25 +264,33 @@ def save(model: Transformer, out_dir: str | os.PathLike, *, force: bool = False,
 
 def _write_checkpoint(model: Transformer, tmp: Path, max_shard_bytes: int, extra_files: dict[str, Any]) -> None:
     arch = model.arch
+    write_model_files(tmp, arch, dtype=model.dtype, provenance=getattr(model, "provenance", []),
+                      tokenizer=model.tokenizer, extra_files=extra_files)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if arch.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    _write_shards(state, tmp, max_shard_bytes)
+
+
+def write_model_files(tmp: Path, arch: ArchSpec, *, dtype: torch.dtype, provenance: list, tokenizer=None,
+                      extra_files: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything of a checkpoint but its tensors: config.json, generation_config.json, tessera.json, extra files,
+    tokenizer. Returns the config (a streamed save writes the tensors itself, shard by shard)."""
     config = to_hf_config(arch)
-    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     gen = {"bos_token_id": arch.bos_token_id, "do_sample": False,
            "eos_token_id": list(arch.eos_token_ids) if len(arch.eos_token_ids) > 1 else arch.eos_token_id,
            "pad_token_id": arch.pad_token_id}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
-    history = getattr(model, "provenance", [])
-    (tmp / PROVENANCE_FILE).write_text(json.dumps({"arch": arch.summary()["layers"], "history": history},
+    (tmp / PROVENANCE_FILE).write_text(json.dumps({"arch": arch.summary()["layers"], "history": provenance},
                                                   indent=2, sort_keys=True) + "\n")
-    for name, payload in extra_files.items():
+    for name, payload in (extra_files or {}).items():
         (tmp / name).write_text(payload if isinstance(payload, str) else json.dumps(payload, indent=2, sort_keys=True))
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if arch.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    _write_shards(state, tmp, max_shard_bytes)
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
         _drop_local_tokenizer_keys(tmp / "tokenizer_config.json")
+    return config
 
 
 # transformers records where a tokenizer was loaded from; that is about this machine, not the model, and
@@ -294,28 +309,51 @@ def _drop_local_tokenizer_keys(path: Path) -> None:
 
 
 def _write_shards(state: dict[str, torch.Tensor], tmp: Path, max_shard_bytes: int) -> None:
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    writer = ShardWriter(tmp, max_shard_bytes)
     for name in sorted(state, key=_natural_key):
-        nbytes = state[name].numel() * state[name].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = state[name]
-        size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(tmp / fname), metadata=meta)
-        for name, t in shard.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        writer.add(name, state[name])
+    writer.close()
+
+
+class ShardWriter:
+    """Safetensors shards written as they fill: tensors are added in order and a shard is saved as soon as the next
+    tensor would take it past `max_shard_bytes`, so at most one shard is held in memory. `close` names the files
+    like transformers (`model.safetensors`, or `model-0000i-of-0000n.safetensors` plus the index)."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES):
+        self.dir, self.max = Path(directory), max_shard_bytes
+        self._shard: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._shard and self._size + nbytes > self.max:
+            self._flush()
+        self._shard[name] = tensor.detach().contiguous().cpu()
+        self._size += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        part = self.dir / f".shard-{len(self._files) + 1:05d}.safetensors"
+        save_file(self._shard, str(part), metadata={"format": "pt"})
+        self._files.append((part, list(self._shard)))
+        self._shard, self._size = {}, 0
+
+    def close(self) -> None:
+        if self._shard or not self._files:
+            self._flush()
+        if len(self._files) == 1:
+            self._files[0][0].rename(self.dir / "model.safetensors")
+            return
+        weight_map = {}
+        for i, (part, names) in enumerate(self._files, 1):
+            fname = f"model-{i:05d}-of-{len(self._files):05d}.safetensors"
+            part.rename(self.dir / fname)
+            weight_map.update({n: fname for n in names})
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _natural_key(name: str):
@@ -325,7 +363,8 @@ def _natural_key(name: str):
 def fingerprint(model: Transformer) -> str:
     """A content hash of architecture and weights: a cache key for evaluation results."""
     h = hashlib.sha256(json.dumps(to_hf_config(model.arch), sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    streamed = getattr(model, "streamed", None)  # tessera.stream: layers read from disk one tensor at a time
+    for name, tensor in (streamed.named_tensors() if streamed is not None else sorted(model.state_dict().items())):
         h.update(name.encode())
         h.update(str(tensor.dtype).encode())
         t = tensor.detach().contiguous().cpu()

@@ -80,6 +80,10 @@ def load_arch(model: str):
     raise TesseraError(f"{path}: no config.json here; pass a model directory or a .gguf file")
 
 
+STREAM_HELP = ("auto (stream a parent whose weights exceed a quarter of the free memory) | on (read one layer at a "
+               "time from the safetensors shards) | off (load whole)")
+
+
 def int_list(text: str, what: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]

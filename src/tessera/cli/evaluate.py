@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from tessera.cli.app import app, console, friendly
+from tessera.cli.app import STREAM_HELP, app, console, friendly
 from tessera.io import atomic_write_text, refuse_overwrite
 
 
@@ -76,13 +76,14 @@ def perplexity(model: str = typer.Argument(...), file: Path = typer.Argument(...
 def kld(parent: str = typer.Argument(...), child: str = typer.Argument(...),
         file: Path = typer.Argument(None, help="text or JSONL file (default: the shared corpus)"),
         seq_len: int = typer.Option(256, "--seq-len", min=2), max_tokens: int = typer.Option(32768, "--max-tokens"),
-        batch_size: int = typer.Option(8, "--batch-size", min=1)):
+        batch_size: int = typer.Option(8, "--batch-size", min=1),
+        stream: str = typer.Option("auto", "--stream", help=STREAM_HELP)):
     """Mean per-token KL(parent || child) and top-1 agreement on a text (Puzzle's block-scoring metric)."""
-    from tessera.checkpoint import load
     from tessera.data import load_chunks
     from tessera.evaluate import mean_kld
+    from tessera.stream import load_model
 
-    p, c = load(parent), load(child)
+    p, c = load_model(parent, stream=stream), load_model(child, stream=stream)
     chunks = load_chunks(p.tokenizer, file, seq_len=seq_len, max_tokens=max_tokens, heldout_fraction=0.0)
     r = mean_kld(p, c, chunks.train, batch_size)
     console.print(f"KL(parent || child) = {r.kld:.5f} nats/token, top-1 agreement {100 * r.top1:.2f}% "

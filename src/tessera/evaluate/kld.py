@@ -7,6 +7,7 @@ agree.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,18 +38,25 @@ def mean_kld(parent: Transformer, child: Transformer, chunks: torch.Tensor, batc
     """Mean per-token KL(parent || child) and top-1 agreement over token chunks (N, L), every position.
 
     `parent_logits` (one tensor per batch, as returned by `parent_logits_for`) skips the parent's forward
-    passes when one parent is compared with many children.
+    passes when one parent is compared with many children. A streamed model (`tessera.stream`) runs layer by
+    layer over all chunks first and its logits are computed per batch from its final hidden states, so the
+    numbers are those of the model loaded whole.
     """
     if parent.arch.vocab_size != child.arch.vocab_size:
         from tessera.errors import TesseraError
 
         raise TesseraError(f"parent vocabulary ({parent.arch.vocab_size}) differs from child's "
                            f"({child.arch.vocab_size}); KLD needs models that share a tokenizer")
+    from tessera.stream import is_streamed
+
+    if parent_logits is None and is_streamed(parent):
+        parent_logits = parent_logits_for(parent, chunks, batch_size)
+    child_logits = parent_logits_for(child, chunks, batch_size) if is_streamed(child) else None
     total_kl, agree, count = 0.0, 0, 0
     for b, start in enumerate(range(0, len(chunks), batch_size)):
         ids = chunks[start:start + batch_size].to(child.device)
         p = parent_logits[b] if parent_logits is not None else parent(ids.to(parent.device))
-        q = child(ids)
+        q = child_logits[b] if child_logits is not None else child(ids)
         total_kl += kl_per_token(p, q).double().sum().item()
         agree += (p.argmax(-1) == q.argmax(-1)).sum().item()
         count += ids.numel()
@@ -56,6 +64,11 @@ def mean_kld(parent: Transformer, child: Transformer, chunks: torch.Tensor, batc
 
 
 @torch.inference_mode()
-def parent_logits_for(parent: Transformer, chunks: torch.Tensor, batch_size: int = 8) -> list[torch.Tensor]:
-    """The parent's logits per batch, to reuse across many `mean_kld` calls (memory: N*L*V floats)."""
+def parent_logits_for(parent: Transformer, chunks: torch.Tensor, batch_size: int = 8) -> Sequence[torch.Tensor]:
+    """The parent's logits per batch, to reuse across many `mean_kld` calls (memory: N*L*V floats). For a streamed
+    parent, its final hidden states (N*L*hidden) after one layer-by-layer pass, turned into logits batch by batch."""
+    from tessera.stream import LazyLogits, is_streamed, run_layers
+
+    if is_streamed(parent):
+        return LazyLogits(run_layers(parent, chunks, batch_size=batch_size))
     return [parent(chunks[s:s + batch_size].to(parent.device)) for s in range(0, len(chunks), batch_size)]

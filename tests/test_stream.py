@@ -1,0 +1,189 @@
+"""Streaming execution (tessera.stream): a model read layer by layer from its shards gives the numbers of the model
+loaded whole, spilled activations give the numbers of activations in RAM, and a broken checkpoint is one line."""
+
+import json
+
+import pytest
+import torch
+
+import tessera
+from helpers import assert_one_line_error, cli, mixed_arch, random_model, tiny_arch, tiny_tokenizer
+from tessera.errors import TesseraError
+from tessera.stream import Branch, Budget, LazyLogits, open_streamed, run_layers, should_stream
+from tessera.stream.model import load_model
+
+
+def files_bytes(path):
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A 4-layer tiny parent saved in several shards (bf16 and fp32 copies)."""
+    model = random_model(tiny_arch(layers=4, heads=4, kv_heads=2, ffn=64))
+    model.tokenizer = tiny_tokenizer()
+    tessera.save(model, tmp_path / "fp32", max_shard_bytes=30_000)
+    tessera.save(model.to(torch.bfloat16), tmp_path / "bf16", max_shard_bytes=15_000)
+    return tmp_path
+
+
+@pytest.mark.parametrize("arch", [tiny_arch(layers=3, tied=True), mixed_arch()], ids=["tied", "heterogeneous"])
+def test_streamed_model_equals_loaded(tmp_path, arch):
+    model = random_model(arch)
+    tessera.save(model, tmp_path / "m", max_shard_bytes=10_000)
+    assert len(list((tmp_path / "m").glob("*.safetensors"))) > 1
+    streamed = open_streamed(tmp_path / "m")
+    ids = torch.randint(0, 96, (3, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = tessera.load(tmp_path / "m")(ids)
+        got = streamed(ids)  # plain forward: each layer materialised in turn and let go
+    assert torch.equal(got, want)
+    assert streamed.streamed.loads == arch.num_layers
+    assert all(p.is_meta for p in streamed.model.layers.parameters())  # nothing stays behind
+    assert tessera.fingerprint(streamed) == tessera.fingerprint(tessera.load(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("source, dtype", [("bf16", None), ("bf16", torch.float32), ("fp32", torch.bfloat16)])
+def test_streamed_dtype_follows_load(saved, source, dtype):
+    """The checkpoint's dtype by default (bf16 included), or the requested one, exactly as tessera.load does."""
+    loaded = tessera.load(saved / source, dtype=dtype)
+    streamed = open_streamed(saved / source, dtype=dtype)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(streamed(ids), loaded(ids))
+    with streamed.streamed.layer(1) as block:
+        assert block.mlp.up_proj.weight.dtype == loaded.dtype
+        assert torch.equal(block.mlp.up_proj.weight, loaded.model.layers[1].mlp.up_proj.weight)
+    assert tessera.fingerprint(streamed) == tessera.fingerprint(loaded)
+
+
+@pytest.mark.parametrize("budget", [None, 0], ids=["ram", "spilled"])
+def test_run_layers_equals_batched_forward(saved, budget):
+    """Layer-major execution (each layer once, every batch through it) = batch-major `model(ids)`, bit for bit,
+    with activations in RAM or spilled to disk."""
+    loaded = tessera.load(saved / "fp32")
+    streamed = open_streamed(saved / "fp32")
+    chunks = torch.randint(0, 96, (7, 12), generator=torch.Generator().manual_seed(3))
+    spill = Budget(budget) if budget is not None else Budget()
+    fwd = run_layers(streamed, chunks, batch_size=3, budget=spill)
+    assert spill.spilled == (1 if budget == 0 else 0) and fwd.main.spilled == (budget == 0)
+    assert streamed.streamed.loads == 4 and fwd.layers_read == 4
+    with torch.no_grad():
+        for b, s in enumerate(fwd.batches):
+            assert torch.equal(fwd.logits(b), loaded(chunks[s]))
+    fwd.close()
+    spill.close()
+
+
+def test_branches_equal_ablated_models(saved):
+    """A branch that skips layer 1 (on the first 5 sequences) ends where the model without layer 1 ends."""
+    from tessera.importance import ablated
+
+    loaded = tessera.load(saved / "fp32")
+    streamed = open_streamed(saved / "fp32")
+    chunks = torch.randint(0, 96, (7, 12), generator=torch.Generator().manual_seed(4))
+    skip = Branch("skip1", 1, lambda block, x, cos, sin: x, rows=5)
+    fwd = run_layers(streamed, chunks, batch_size=3, branches=[skip], budget=Budget(0))
+    assert streamed.streamed.loads == 4  # one read per layer, branch or not
+    assert [tuple(s) for s in fwd.branches["skip1"].shapes] == [(3, 12, 32), (2, 12, 32)]
+    with torch.no_grad(), ablated(loaded, 1):
+        assert torch.equal(fwd.logits(0, "skip1"), loaded(chunks[0:3]))
+        assert torch.equal(fwd.logits(1, "skip1"), loaded(chunks[3:5]))
+
+
+def test_streamed_save_is_byte_identical(saved, tmp_path):
+    """Written tensor by tensor (shard by shard), a checkpoint is byte for byte what tessera.save writes."""
+    from tessera.stream.writer import checkpoint_writer, save_order
+
+    model = tessera.load(saved / "bf16")
+    tessera.save(model, tmp_path / "whole", max_shard_bytes=15_000)
+    state = model.state_dict()
+    with checkpoint_writer(tmp_path / "parts", model.arch, dtype=model.dtype, provenance=model.provenance,
+                           tokenizer=model.tokenizer, max_shard_bytes=15_000) as w:
+        for name in save_order(w.expected):
+            w.add(name, state[name])
+    assert len(list((tmp_path / "parts").glob("*.safetensors"))) > 2
+    assert files_bytes(tmp_path / "parts") == files_bytes(tmp_path / "whole")
+
+
+def test_streamed_save_refuses_wrong_order_and_leaves_nothing(saved, tmp_path):
+    from tessera.stream.writer import checkpoint_writer
+
+    model = tessera.load(saved / "fp32")
+    with pytest.raises(RuntimeError, match="expected lm_head.weight"):
+        with checkpoint_writer(tmp_path / "x", model.arch, dtype=model.dtype, provenance=[]) as w:
+            w.add("model.norm.weight", model.model.norm.weight)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))
+
+
+def test_kld_streamed_equals_in_memory(saved, tmp_path):
+    """KL(parent || child) with the parent streamed (and with both streamed) = with both loaded whole."""
+    from tessera.evaluate import mean_kld
+    from tessera.prune import PruneTarget, prune
+    from tessera.importance import random_importance
+
+    parent = tessera.load(saved / "fp32")
+    child = prune(parent, random_importance(parent), PruneTarget(ffn=40, hidden=24))
+    tessera.save(child, tmp_path / "child", max_shard_bytes=8_000)
+    chunks = torch.randint(0, 96, (5, 16), generator=torch.Generator().manual_seed(5))
+    want = mean_kld(parent, child, chunks, batch_size=2)
+    assert want.kld > 0.01
+    assert mean_kld(open_streamed(saved / "fp32"), child, chunks, batch_size=2) == want
+    assert mean_kld(open_streamed(saved / "fp32"), open_streamed(tmp_path / "child"), chunks, batch_size=2) == want
+
+
+def test_lazy_logits_is_indexed_by_batch(saved):
+    fwd = run_layers(open_streamed(saved / "fp32"), torch.zeros(5, 4, dtype=torch.long), batch_size=2)
+    logits = LazyLogits(fwd)
+    assert len(logits) == 3 and logits[2].shape == (1, 4, 96)
+
+
+# ---------------------------------------------------------------------------- broken checkpoints
+def test_truncated_shard_is_one_line(saved):
+    shard = sorted((saved / "bf16").glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(TesseraError, match="truncated or corrupt"):
+        open_streamed(saved / "bf16")
+    assert_one_line_error(cli("kld", saved / "bf16", saved / "fp32", "--stream", "on"), shard.name)
+
+
+def test_missing_layer_is_one_line(saved):
+    """Remove every tensor of layer 2 from its shard (and the index): the layer is named."""
+    from safetensors.torch import load_file, save_file
+
+    root = saved / "fp32"
+    index = json.loads((root / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        state = load_file(root / shard)
+        save_file({k: v for k, v in state.items() if not k.startswith("model.layers.2.")}, root / shard,
+                  metadata={"format": "pt"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith("model.layers.2.")}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(TesseraError, match="layer 2 of 4 has no tensors"):
+        open_streamed(root)
+    assert_one_line_error(cli("kld", root, saved / "bf16", "--stream", "on"), "layer 2 of 4 has no tensors")
+
+
+def test_missing_shard_is_one_line(saved):
+    shard = sorted((saved / "fp32").glob("model-*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(TesseraError, match="missing; copy the whole checkpoint"):
+        open_streamed(saved / "fp32")
+
+
+# ---------------------------------------------------------------------------- choosing
+def test_should_stream(saved, monkeypatch):
+    import tessera.stream.model as sm
+
+    size = sm.weight_bytes(saved / "fp32")
+    assert sm.weight_bytes(saved / "fp32", "bf16") == size // 2
+    monkeypatch.setattr(sm, "available_memory", lambda: int(size / sm.AUTO_FRACTION) + 1)
+    assert not should_stream(saved / "fp32", "auto")
+    monkeypatch.setattr(sm, "available_memory", lambda: int(size / sm.AUTO_FRACTION) - 1)
+    assert should_stream(saved / "fp32", "auto") and not should_stream(saved / "fp32", "off")
+    assert not should_stream("default", "auto")
+    assert sm.is_streamed(load_model(saved / "fp32", stream="auto"))
+    with pytest.raises(TesseraError, match="needs a model directory"):
+        should_stream("default", "on")
+    with pytest.raises(TesseraError, match="use auto, on or off"):
+        should_stream(saved / "fp32", "sometimes")
