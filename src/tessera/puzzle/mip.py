@@ -94,7 +94,7 @@ def _fmt(kind: str, v: float) -> str:
     if kind in ("memory", "kv_cache"):
         return f"{v / 1e9:.4g} GB"
     if kind == "params":
-        return f"{v / 1e6:.4g}M params"
+        return f"{v / 1e9:.4g}B params" if v >= 1e9 else f"{v / 1e6:.4g}M params"
     if kind == "throughput":
         return f"{v:,.1f} tok/s"
     if kind == "speedup":
@@ -256,33 +256,73 @@ def _undominated(p: _Program, rows_used: np.ndarray, protected: np.ndarray) -> n
 
 def _solve(p: _Program, row_mask: np.ndarray, objective: np.ndarray, previous: list[np.ndarray], min_diff: int,
            time_limit_s: float, gap: float) -> tuple[np.ndarray | None, bool]:
-    """HiGHS on the program restricted to rows `row_mask`, minimising `objective`; (chosen mask or None, optimal)."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+    """The MIP restricted to rows `row_mask`, minimising `objective`: (chosen mask or None if infeasible, optimal).
+
+    Exact reduced-cost fixing around HiGHS: the LP relaxation gives a bound z_LP and reduced costs d >= 0 with
+    objective(x) >= z_LP + sum d_j x_j for every feasible 0/1 choice x. HiGHS first solves the MIP over the
+    variables with d_j <= t (and the LP's support); its optimum z is global when z - z_LP <= t, since any choice
+    using a variable with d_j > t costs more; otherwise one more MIP over every d_j <= z - z_LP settles it."""
+    from scipy.optimize import Bounds, LinearConstraint, linprog, milp
     from scipy.sparse import csr_array
 
     L = int(p.layer_of.max()) + 1
     protected = np.zeros(len(p.score), bool)
     for prev in previous:
         protected |= prev
-    keep = _undominated(_Program(p.layer_of, p.pair_of, objective, p.A, p.fixed, p.limit), row_mask, protected)
-    idx = np.flatnonzero(keep)
-    n = len(idx)
-    cons = [LinearConstraint(csr_array((np.ones(n), (p.layer_of[idx], np.arange(n))), shape=(L, n)), 1, 1)]
+    keep = np.flatnonzero(_undominated(_Program(p.layer_of, p.pair_of, objective, p.A, p.fixed, p.limit), row_mask,
+                                       protected))
+    n = len(keep)
+    eq = csr_array((np.ones(n), (p.layer_of[keep], np.arange(n))), shape=(L, n))
+    ub_rows, ub_rhs = [], []
     if row_mask.any():
         scale = np.where(p.limit[row_mask] > 0, p.limit[row_mask], 1.0)
-        A = p.A[row_mask][:, idx] / scale[:, None]
-        cons.append(LinearConstraint(A, -np.inf, (p.limit[row_mask] - p.fixed[row_mask]) / scale))
+        ub_rows.append(p.A[row_mask][:, keep] / scale[:, None])
+        ub_rhs.append((p.limit[row_mask] - p.fixed[row_mask]) / scale)
     for prev in previous:
-        cons.append(LinearConstraint(prev[idx].astype(float)[None, :], -np.inf, L - min_diff))
-    res = milp(objective[idx], integrality=np.ones(n), bounds=Bounds(0, 1), constraints=cons,
-               options={"time_limit": time_limit_s, "mip_rel_gap": gap, "presolve": True})
-    if res.x is None:
-        if res.status == 1:
+        ub_rows.append(prev[keep].astype(float)[None, :])
+        ub_rhs.append(np.array([L - min_diff], float))
+    A_ub = np.vstack(ub_rows) if ub_rows else np.zeros((0, n))
+    b_ub = np.concatenate(ub_rhs) if ub_rhs else np.zeros(0)
+    c = objective[keep]
+
+    lp = linprog(c, A_ub=A_ub if len(b_ub) else None, b_ub=b_ub if len(b_ub) else None, A_eq=eq, b_eq=np.ones(L),
+                 bounds=(0, 1), method="highs")
+    if lp.status == 2:
+        return None, False  # the relaxation is infeasible, so is the MIP
+    if lp.status != 0:  # numerical trouble: no bound to fix with, solve everything
+        d, z_lp, support = np.zeros(n), -np.inf, np.ones(n, bool)
+    else:
+        d = c - eq.T @ lp.eqlin.marginals - (A_ub.T @ lp.ineqlin.marginals if len(b_ub) else 0.0)
+        z_lp, support = lp.fun, lp.x > 1e-9
+    tol = 1e-7 * (1 + abs(z_lp if np.isfinite(z_lp) else 0) + np.abs(c).max(initial=0))
+    threshold = 1e-3 * (1 + abs(z_lp)) if np.isfinite(z_lp) else np.inf
+
+    def mip(mask: np.ndarray):
+        idx = np.flatnonzero(mask)
+        m = len(idx)
+        cons = [LinearConstraint(csr_array((np.ones(m), (p.layer_of[keep][idx], np.arange(m))), shape=(L, m)), 1, 1)]
+        if len(b_ub):
+            cons.append(LinearConstraint(A_ub[:, idx], -np.inf, b_ub))
+        res = milp(c[idx], integrality=np.ones(m), bounds=Bounds(0, 1), constraints=cons,
+                   options={"time_limit": time_limit_s, "mip_rel_gap": gap, "presolve": True})
+        if res.x is None and res.status == 1:
             raise TesseraError(f"HiGHS found no feasible choice within the {time_limit_s:g} s time limit; "
                                "raise the time limit or loosen the constraints")
-        return None, False
+        return idx, res
+
+    while True:
+        mask = (d <= threshold + tol) | support
+        idx, res = mip(mask)
+        if res.x is not None:
+            z = res.fun
+            if z - z_lp > threshold and not mask.all():  # a cheaper choice may use a variable left out: widen once
+                idx, res = mip((d <= z - z_lp + tol) | mask)
+            break
+        if mask.all():
+            return None, False
+        threshold *= 8
     chosen = np.zeros(len(p.score), bool)
-    chosen[idx[res.x > 0.5]] = True
+    chosen[keep[idx[res.x > 0.5]]] = True
     return chosen, res.status == 0
 
 
