@@ -22,26 +22,20 @@ import statistics
 import time
 from pathlib import Path
 
-from tessera.arch import ArchSpec, AttentionSpec, FFNSpec
+from tessera.arch import ArchSpec
 from tessera.formats import read_config
 from tessera.puzzle.costs import Target, measured_costs, predicted_costs
-from tessera.puzzle.library import Variant
+from tessera.puzzle.library import LibraryConfig, Variant, variant_lists
 from tessera.puzzle.mip import Constraint, solve
 
 CONFIGS = Path(__file__).parent / "configs"
-FFN_FRACTIONS = (1.0, 0.87, 0.75, 0.5, 0.25, 0.2, 0.1)
 
 
-def library(parent: ArchSpec, kv_heads: tuple[int, ...], multiple: int) -> list[Variant]:
-    """Attention: GQA with each KV-head count, linear, no-op. FFN: the parent width and fractions of it (rounded
-    to `multiple`), linear, no-op."""
-    width = parent.blocks[0].ffn.intermediate_size
-    att = [Variant("attention", AttentionSpec("gqa", k)) for k in kv_heads]
-    att += [Variant("attention", AttentionSpec("linear")), Variant("attention", AttentionSpec("no_op"))]
-    widths = sorted({max(multiple, round(width * f / multiple) * multiple) for f in FFN_FRACTIONS}, reverse=True)
-    ffn = [Variant("ffn", FFNSpec("swiglu", w)) for w in widths]
-    ffn += [Variant("ffn", FFNSpec("linear")), Variant("ffn", FFNSpec("no_op"))]
-    return att + ffn
+def library(parent: ArchSpec, multiple: int) -> list[Variant]:
+    """The default block library (`tessera.puzzle.library.variant_lists`): GQA with each KV-head count that merges
+    whole KV groups, linear, no-op; the parent's FFN width and 87/75/50/25/20/10 % of it, linear, no-op."""
+    layers, _, _ = variant_lists(parent, LibraryConfig(ffn_multiple=multiple))
+    return list(dict.fromkeys(v for lv in layers for v in lv.all))
 
 
 def synthetic_scores(parent: ArchSpec, variants: list[Variant], seed: int = 0) -> dict[tuple[int, str], float]:
@@ -70,7 +64,7 @@ def synthetic_scores(parent: ArchSpec, variants: list[Variant], seed: int = 0) -
 # ---------------------------------------------------------------------------- part 1: the MIP at scale
 def mip_at_scale(reps: int) -> None:
     parent = read_config(CONFIGS / "llama-3.1-70b")
-    variants = library(parent, (8, 4, 2, 1), 256)
+    variants = library(parent, 256)
     n_att = sum(v.part == "attention" for v in variants)
     target = Target("h100", "fp8", ("128/1024", "2048/128"), 64)
     t0 = time.perf_counter()
@@ -123,8 +117,7 @@ def measured_validation(scenario: str, batches: list[int], reps: int, targets: l
 
     torch.set_num_threads(2)
     parent = read_config(default_parent_dir())
-    variants = library(parent, tuple(k for k in range(1, parent.kv_heads(0) + 1)
-                                     if parent.num_attention_heads % k == 0), 64)
+    variants = library(parent, 64)
     scores = synthetic_scores(parent, variants)
     sc = Scenario.parse(scenario)
 
@@ -159,7 +152,7 @@ def measured_validation(scenario: str, batches: list[int], reps: int, targets: l
                 c = run_once(model, batch, sc, gen)
                 ratios.append(p[1] / c[1])
                 child_s.append(c[1])
-            total = costs.total((f"attention:{b.attention.describe()}", f"ffn:{b.ffn.describe()}") for b in arch.blocks)
+            total = costs.total((Variant("attention", b.attention).key, Variant("ffn", b.ffn).key) for b in arch.blocks)
             pred_s, meas_s = total.decode_s[0], statistics.median(child_s)
             pred_x, meas_x = costs.parent.decode_s[0] / pred_s, statistics.median(ratios)
             print(f"  {name:>8} {arch.num_params() / 1e6:6.1f}M {pred_s:10.3f} {meas_s:10.3f} {pred_s / meas_s - 1:+6.1%} "

@@ -156,7 +156,10 @@ def brute_force(table, scores, constraints, exclude=(), previous=(), min_diff=1)
     """(lowest summed score, its choice) over every allowed child meeting the constraints, or None."""
     L = table.num_layers
     best = None
-    for choice in choices(scores, L, exclude):
+    at = {e for e in exclude if len(e) == 3}
+    for choice in choices(scores, L, {e for e in exclude if len(e) == 2}):
+        if any((i, a, f) in at for i, (a, f) in enumerate(choice)):
+            continue
         if any(sum(c == p for c, p in zip(choice, prev)) > L - min_diff for prev in previous):
             continue
         m = table.metrics(table.total(choice))
@@ -192,16 +195,16 @@ def test_mip_equals_brute_force_and_respects_every_constraint(seed, mix):
     layers = 3
     table, scores = random_table(rng, layers), random_scores(rng, layers)
     constraints = random_constraints(rng, table, mix)
-    exclude = {(ATT[0].key, FFN[5].key), (ATT[1].key, FFN[5].key)}
-    best = brute_force(table, scores, constraints, exclude)
+    exclude = {(ATT[0].key, FFN[5].key), (ATT[1].key, FFN[5].key)}  # at every layer
+    best = brute_force(table, scores, constraints, exclude | {(2, ATT[2].key, FFN[4].key)})
     if best is None:
         with pytest.raises(TesseraError, match="no child meets|out of reach"):
-            solve(scores, table, constraints, exclude=exclude)
+            solve(scores, table, constraints, exclude=[*exclude, (2, ATT[2].key, FFN[4].key)])
         return
-    (sol,) = solve(scores, table, constraints, exclude=exclude, mip_rel_gap=0)
+    (sol,) = solve(scores, table, constraints, exclude=[*exclude, (2, ATT[2].key, FFN[4].key)], mip_rel_gap=0)
     assert sol.objective == pytest.approx(best[0], abs=1e-9)
     assert all(check(table, sol.keys, c) is not None for c in constraints)
-    assert not set(sol.keys) & exclude
+    assert not set(sol.keys) & exclude and sol.keys[2] != (ATT[2].key, FFN[4].key)
     assert sol.objective == pytest.approx(sum(scores[(i, a)] + scores[(i, f)] for i, (a, f) in enumerate(sol.keys)))
     for label, value in sol.constraints:  # reported values are the recomputed ones
         kind = label.split("[")[0].split(" ")[0]

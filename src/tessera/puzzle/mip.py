@@ -180,7 +180,7 @@ class _Program:
 
 
 def _options(scores: Mapping[tuple[int, str], float], costs: CostTable, engine: str | None,
-             exclude: Collection[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+             exclude: Collection[tuple]) -> list[list[tuple[str, str]]]:
     """Allowed (attention key, FFN key) pairs per layer."""
     from tessera.formats.engines import block_reason, check_engine
 
@@ -200,13 +200,14 @@ def _options(scores: Mapping[tuple[int, str], float], costs: CostTable, engine: 
         per_layer[layer][known[vkey].part].append(vkey)
     if engine is not None:
         check_engine(engine)
-    excluded = set(exclude)
+    excluded_all = {tuple(e) for e in exclude if len(e) == 2}  # (attention key, FFN key): every layer
+    excluded_at = {tuple(e) for e in exclude if len(e) == 3}  # (layer, attention key, FFN key)
     out = []
     for layer, parts in enumerate(per_layer):
         allowed = []
         for a in sorted(parts["attention"]):
             for f in sorted(parts["ffn"]):
-                if (a, f) in excluded:
+                if (a, f) in excluded_all or (layer, a, f) in excluded_at:
                     continue
                 if engine is not None and block_reason(engine, costs.parent_arch,
                                                        block_of(known[a], known[f])) is not None:
@@ -329,12 +330,13 @@ def _solve(p: _Program, row_mask: np.ndarray, objective: np.ndarray, previous: l
 # ---------------------------------------------------------------------------- the search
 def solve(scores: Mapping[tuple[int, str], float], costs: CostTable, constraints: Sequence[Constraint] = (), *,
           num_solutions: int = 1, alpha: float = 0.9, engine: str | None = None,
-          exclude: Collection[tuple[str, str]] = (), time_limit_s: float = 60.0,
+          exclude: Collection[tuple] = (), time_limit_s: float = 60.0,
           mip_rel_gap: float = 1e-6) -> list[Solution]:
     """The best child under `constraints` (lowest summed score), then up to `num_solutions - 1` more, each
     differing from every earlier one in >= (1 - alpha) x layers. Fewer are returned when no further diverse
     child meets the constraints. `engine` (vllm | llamacpp | transformers) leaves out the pairs it cannot
-    serve (`tessera.formats.engines.block_reason`); `exclude` leaves out explicit (attention, FFN) key pairs."""
+    serve (`tessera.formats.engines.block_reason`); `exclude` leaves out explicit pairs: (attention key, FFN key)
+    at every layer, (layer, attention key, FFN key) at one (e.g. the library's `PairExclusion`s)."""
     if num_solutions < 1:
         raise TesseraError(f"num_solutions must be >= 1, got {num_solutions}")
     if not 0 <= alpha < 1:
