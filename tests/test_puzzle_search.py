@@ -229,6 +229,8 @@ def test_diverse_solutions_really_differ_and_are_each_the_best_left(seed):
             assert sum(a != b for a, b in zip(s.keys, prev)) >= 2
         previous.append(s.keys)
     assert [s.objective for s in sols] == sorted(s.objective for s in sols)
+    unreduced = solve(scores, table, constraints, num_solutions=4, alpha=alpha, mip_rel_gap=0, reduce=False)
+    assert [s.objective for s in unreduced] == pytest.approx([s.objective for s in sols], abs=1e-9)
 
 
 # ---------------------------------------------------------------------------- infeasibility, exclusions, bad input

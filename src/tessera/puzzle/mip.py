@@ -256,7 +256,7 @@ def _undominated(p: _Program, rows_used: np.ndarray, protected: np.ndarray) -> n
 
 
 def _solve(p: _Program, row_mask: np.ndarray, objective: np.ndarray, previous: list[np.ndarray], min_diff: int,
-           time_limit_s: float, gap: float) -> tuple[np.ndarray | None, bool]:
+           time_limit_s: float, gap: float, reduce: bool = True) -> tuple[np.ndarray | None, bool]:
     """The MIP restricted to rows `row_mask`, minimising `objective`: (chosen mask or None if infeasible, optimal).
 
     Exact reduced-cost fixing around HiGHS: the LP relaxation gives a bound z_LP and reduced costs d >= 0 with
@@ -287,10 +287,10 @@ def _solve(p: _Program, row_mask: np.ndarray, objective: np.ndarray, previous: l
     c = objective[keep]
 
     lp = linprog(c, A_ub=A_ub if len(b_ub) else None, b_ub=b_ub if len(b_ub) else None, A_eq=eq, b_eq=np.ones(L),
-                 bounds=(0, 1), method="highs")
-    if lp.status == 2:
+                 bounds=(0, 1), method="highs") if reduce else None
+    if lp is not None and lp.status == 2:
         return None, False  # the relaxation is infeasible, so is the MIP
-    if lp.status != 0:  # numerical trouble: no bound to fix with, solve everything
+    if lp is None or lp.status != 0:  # no bound to fix with (or numerical trouble): solve everything
         d, z_lp, support = np.zeros(n), -np.inf, np.ones(n, bool)
     else:
         d = c - eq.T @ lp.eqlin.marginals - (A_ub.T @ lp.ineqlin.marginals if len(b_ub) else 0.0)
@@ -316,8 +316,9 @@ def _solve(p: _Program, row_mask: np.ndarray, objective: np.ndarray, previous: l
         idx, res = mip(mask)
         if res.x is not None:
             z = res.fun
-            if z - z_lp > threshold and not mask.all():  # a cheaper choice may use a variable left out: widen once
-                idx, res = mip((d <= z - z_lp + tol) | mask)
+            wider = (d <= z - z_lp + tol) | mask
+            if z - z_lp > threshold and (wider != mask).any():  # a cheaper choice may use a variable left out
+                idx, res = mip(wider)
             break
         if mask.all():
             return None, False
@@ -331,7 +332,7 @@ def _solve(p: _Program, row_mask: np.ndarray, objective: np.ndarray, previous: l
 def solve(scores: Mapping[tuple[int, str], float], costs: CostTable, constraints: Sequence[Constraint] = (), *,
           num_solutions: int = 1, alpha: float = 0.9, engine: str | None = None,
           exclude: Collection[tuple] = (), time_limit_s: float = 60.0,
-          mip_rel_gap: float = 1e-6) -> list[Solution]:
+          mip_rel_gap: float = 1e-6, reduce: bool = True) -> list[Solution]:
     """The best child under `constraints` (lowest summed score), then up to `num_solutions - 1` more, each
     differing from every earlier one in >= (1 - alpha) x layers. Fewer are returned when no further diverse
     child meets the constraints. `engine` (vllm | llamacpp | transformers) leaves out the pairs it cannot
@@ -351,7 +352,7 @@ def solve(scores: Mapping[tuple[int, str], float], costs: CostTable, constraints
     solutions: list[Solution] = []
     previous: list[np.ndarray] = []
     for k in range(num_solutions):
-        chosen, optimal = _solve(p, all_rows, p.score, previous, min_diff, time_limit_s, mip_rel_gap)
+        chosen, optimal = _solve(p, all_rows, p.score, previous, min_diff, time_limit_s, mip_rel_gap, reduce)
         if chosen is None:
             if k == 0:
                 raise TesseraError(_explain_infeasible(p, rows, time_limit_s))
