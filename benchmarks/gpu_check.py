@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -34,6 +35,30 @@ def random_model(arch: ArchSpec, seed: int = 0) -> Transformer:
         for name, p in model.named_parameters():
             p.copy_(1.0 + 0.05 * torch.randn_like(p) if name.endswith("norm.weight") else 0.02 * torch.randn_like(p))
     return _finish(model).eval()
+
+
+class Checks:
+    """Correctness checks of a benchmark: each prints its line; any failure makes the script exit with status 1."""
+
+    def __init__(self):
+        self.failed: list[str] = []
+
+    def expect(self, ok: bool, line: str) -> bool:
+        print(f"{line}  ({'ok' if ok else 'MISMATCH'})", flush=True)
+        if not ok:
+            self.failed.append(line)
+        return ok
+
+    def finish(self) -> None:
+        if self.failed:
+            print(f"{len(self.failed)} check(s) failed: " + "; ".join(self.failed), file=sys.stderr)
+            sys.exit(1)
+
+
+def require_cuda() -> None:
+    if not torch.cuda.is_available():
+        print("error: this check needs a CUDA device", file=sys.stderr)
+        sys.exit(2)
 
 
 def hf_twin(model: Transformer):
@@ -65,6 +90,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
+    require_cuda()
+    checks = Checks()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     arch = read_config(args.arch_config) if args.arch_config else SMOLLM2
@@ -75,7 +102,7 @@ def main() -> None:
     ids = torch.randint(100, 40000, (2, 64), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         diff = (cpu(ids) - gpu(ids.cuda()).cpu()).abs().max().item()
-    print(f"fp32 logits, CUDA vs CPU: max |diff| = {diff:.2e}  ({'ok' if diff < 1e-3 else 'MISMATCH'})")
+    checks.expect(diff < 1e-3, f"fp32 logits, CUDA vs CPU: max |diff| = {diff:.2e}")
     prompts = ids.tolist()
     cached = generate(gpu, prompts, 16, stop_tokens=[])
     seqs = [list(p) for p in prompts]
@@ -85,9 +112,9 @@ def main() -> None:
             for s, t in zip(seqs, logits.argmax(-1).tolist()):
                 s.append(t)
     same = all(c == s[len(p):] for c, s, p in zip(cached, seqs, prompts))
-    print(f"cached == uncached greedy generation on CUDA (fp32): {same}")
+    checks.expect(same, f"cached == uncached greedy generation on CUDA (fp32): {same}")
     compiled = generate(gpu, prompts, 16, stop_tokens=[], compile=True)
-    print(f"compiled decode == eager decode on CUDA (fp32): {compiled == cached}")
+    checks.expect(compiled == cached, f"compiled decode == eager decode on CUDA (fp32): {compiled == cached}")
 
     model = gpu.to(torch.bfloat16)
     hf = hf_twin(random_model(arch)).to("cuda", torch.bfloat16)
@@ -113,6 +140,7 @@ def main() -> None:
             ref = rates["transformers-sdpa"]
             print(f"bf16 batch {batch:3d} {name} / transformers-sdpa: prefill {rates[name][0] / ref[0]:.2f}x  "
                   f"decode {rates[name][1] / ref[1]:.2f}x")
+    checks.finish()
 
 
 if __name__ == "__main__":

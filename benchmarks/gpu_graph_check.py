@@ -7,9 +7,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cost_model import children  # noqa: E402
-from gpu_check import SMOLLM2, random_model  # noqa: E402
+from gpu_check import SMOLLM2, Checks, random_model, require_cuda  # noqa: E402
 from tessera.generate import CudaGraphDecode  # noqa: E402
 
+require_cuda()
+checks = Checks()
 torch.backends.cuda.matmul.allow_tf32 = False
 for name, arch in [("parent", SMOLLM2), ("mixed", children(SMOLLM2)["mixed"])]:
     model = random_model(arch).cuda()
@@ -30,4 +32,5 @@ for name, arch in [("parent", SMOLLM2), ("mixed", children(SMOLLM2)["mixed"])]:
         model.reset_cache()
     same = torch.equal(outs[0][0], outs[1][0])
     diff = (outs[0][1] - outs[1][1]).abs().max().item()
-    print(f"{name}: CUDA-graph decode tokens equal eager: {same}; max |logit diff| {diff:.2e}")
+    checks.expect(same and diff < 1e-4, f"{name}: CUDA-graph decode tokens equal eager: {same}; max |logit diff| {diff:.2e}")
+checks.finish()

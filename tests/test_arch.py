@@ -98,3 +98,55 @@ def test_parameter_and_kv_accounting():
 def test_unknown_config_keys_survive_round_trip():
     cfg = to_hf_config(tiny_arch()) | {"my_custom_key": [1, 2]}
     assert to_hf_config(from_hf_config(cfg))["my_custom_key"] == [1, 2]
+
+
+# Malformed edits of a heterogeneous child's config.json: each is refused with one line that names the field.
+FUZZ = [
+    (lambda c: c.update(rope_theta=-5), "rope_theta: -5 must be a positive number"),
+    (lambda c: c.update(rope_theta="big"), "rope_theta: 'big' is not a number"),
+    (lambda c: c["block_configs"][0]["ffn"].update(ffn_mult="wide"), "[0].ffn.ffn_mult: 'wide' is not a number"),
+    (lambda c: c["block_configs"][1].pop("attention"), "block_configs[1].attention is missing"),
+    (lambda c: c["block_configs"][1].pop("ffn"), "block_configs[1].ffn is missing"),
+    (lambda c: c["block_configs"].__setitem__(2, [1, 2]), "block_configs[2]: [1, 2] is not an object"),
+    (lambda c: c["block_configs"][0].update(attention="gqa"), "block_configs[0].attention: 'gqa' is not an object"),
+    (lambda c: c["block_configs"][0]["attention"].update(n_heads_in_group=0), "n_heads_in_group: 0 must be >= 1"),
+    (lambda c: c["block_configs"][0]["attention"].update(n_heads_in_group=None), "n_heads_in_group is missing"),
+    (lambda c: c["block_configs"][3]["attention"].update(no_op="true"), "attention.no_op: 'true' is not true or false"),
+    (lambda c: c["block_configs"][2]["ffn"].update(no_op=True), "ffn sets both no_op and replace_with_linear"),
+    (lambda c: c["block_configs"][1]["ffn"].update(intermediate_size=-24), "ffn.intermediate_size: -24 must be >= 1"),
+    (lambda c: c.update(hidden_size="32"), "hidden_size: '32' is not an integer"),
+    (lambda c: c.update(hidden_size=None), "hidden_size is missing"),
+    (lambda c: c.update(num_attention_heads=0), "num_attention_heads: 0 must be >= 1"),
+    (lambda c: c.update(num_hidden_layers=2.5), "num_hidden_layers: 2.5 is not an integer"),
+    (lambda c: c.update(vocab_size=True), "vocab_size: True is not an integer"),
+    (lambda c: c.update(head_dim=7), "head_dim: 7 is odd"),
+    (lambda c: c.update(rms_norm_eps=0), "rms_norm_eps: 0 must be a positive number"),
+    (lambda c: c.update(max_position_embeddings=-1), "max_position_embeddings: -1 must be >= 1"),
+    (lambda c: c.update(tie_word_embeddings="yes"), "tie_word_embeddings: 'yes' is not true or false"),
+    (lambda c: c.update(eos_token_id=1000), "eos_token_id: 1000 is not a token id"),
+    (lambda c: c.update(bos_token_id=-1), "bos_token_id: -1 is not a token id"),
+    (lambda c: c.update(rope_scaling={"rope_type": "llama3", "factor": -8}), "rope_scaling.factor: -8 must be a positive"),
+    (lambda c: c.update(rope_scaling={"rope_type": "llama3", "factor": 8, "low_freq_factor": 4, "high_freq_factor": 1}),
+     "rope_scaling.high_freq_factor: 1 must exceed low_freq_factor"),
+    (lambda c: c.update(rope_scaling="llama3"), "rope_scaling: 'llama3' is not an object"),
+]
+
+
+@pytest.mark.parametrize("mutate, message", FUZZ, ids=[m for _, m in FUZZ])
+def test_config_fields_are_validated_by_type_and_range(mutate, message):
+    cfg = to_hf_config(mixed_arch())
+    mutate(cfg)
+    with pytest.raises(TesseraError) as info:
+        from_hf_config(cfg)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_bad_field_stops_loading_with_one_line(tmp_path):
+    import tessera
+    from helpers import assert_one_line_error, cli, random_model
+
+    path = tessera.save(random_model(mixed_arch()), tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["rope_theta"] = -5
+    (path / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(cli("generate", path, "-p", "w1"), "rope_theta: -5 must be a positive number")

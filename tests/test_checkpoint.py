@@ -146,3 +146,67 @@ def test_fingerprint_tracks_weights():
     with torch.no_grad():
         b.model.norm.weight[0] += 1e-3
     assert tessera.fingerprint(a) != tessera.fingerprint(b)
+
+
+KILLED_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import tessera.checkpoint as ck
+from helpers import random_model, tiny_arch
+
+def die(*args, **kwargs):  # the process is killed while the weights are being written
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ck._write_shards = die
+ck.save(random_model(tiny_arch()), {out!r})
+"""
+
+
+def test_a_save_killed_midway_leaves_a_temp_dir_that_the_next_save_removes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = KILLED_SAVE.format(tests=str(Path(__file__).parent), out=str(tmp_path / "m"))
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -9, err[-2000:]
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert leftovers == [f".m.tmp-{proc.pid}"] and (tmp_path / leftovers[0] / "config.json").is_file()
+    tessera.save(random_model(tiny_arch()), tmp_path / "m")
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda f: f.write_bytes(f.read_bytes()[:-100]), "file not fully covered"),
+    (lambda f: f.write_bytes(f.read_bytes() + b"\0" * 8), "file not fully covered"),
+    (lambda f: f.write_bytes(f.read_bytes()[:5]), "header too small"),
+    (lambda f: f.write_bytes(f.read_bytes()[:200]), "invalid header length"),
+], ids=["truncated", "padded", "no-header", "cut-header"])
+def test_inspect_checks_the_weights_without_loading_them(tmp_path, damage, needle, monkeypatch):
+    from helpers import assert_one_line_error, cli
+
+    path = tessera.save(random_model(mixed_arch()), tmp_path / "m")
+    ok = cli("inspect", path)
+    assert ok.exit_code == 0 and "headers, sizes and shapes match config.json" in ok.output
+    n_tensors = len(random_model(mixed_arch()).state_dict())
+    assert json.loads(cli("inspect", path, "--json").output)["weights"]["tensors"] == n_tensors
+    monkeypatch.setattr("safetensors.torch.load_file", lambda *a, **k: pytest.fail("inspect loaded the weights"))
+    damage(path / "model.safetensors")
+    assert_one_line_error(cli("inspect", path), needle)
+    assert_one_line_error(cli("inspect", path, "--json"), "truncated or corrupt")
+
+
+def test_inspect_checks_names_and_shapes_against_the_config(saved):
+    from helpers import assert_one_line_error, cli
+
+    f = saved / "model.safetensors"
+    state = load_file(f)
+    state["model.layers.0.mlp.up_proj.weight"] = torch.zeros(63, 32)
+    save_file(state, f)
+    assert_one_line_error(cli("inspect", saved), "up_proj.weight has shape (63, 32)")
+    state.pop("model.layers.0.mlp.up_proj.weight")
+    save_file(state, f)
+    assert_one_line_error(cli("inspect", saved), "missing tensors model.layers.0.mlp.up_proj.weight")
+    (saved / "model.safetensors").unlink()
+    assert "weights: none here (config only)" in cli("inspect", saved).output

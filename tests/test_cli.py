@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import tessera
@@ -37,7 +38,7 @@ def test_convert_and_generate(tmp_path):
     model.tokenizer = tiny_tokenizer()
     tessera.save(model, tmp_path / "src")
     assert run("convert", tmp_path / "src", tmp_path / "dst", "--dtype", "bfloat16").exit_code == 0
-    assert tessera.load(tmp_path / "dst").dtype.is_floating_point
+    assert tessera.load(tmp_path / "dst").dtype == torch.bfloat16
     assert json.loads((tmp_path / "dst" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert_one_line_error(run("convert", tmp_path / "src", tmp_path / "dst"), "--force")
     result = run("generate", tmp_path / "src", "--prompt", "w1 w2 w3", "-n", "4")
@@ -74,3 +75,28 @@ def test_bad_input_gives_one_line(tmp_path, case):
     if case in ("gpt2", "bad_blocks", "kv_heads"):
         (path / "config.json").write_text(json.dumps(cfg))
     assert_one_line_error(run("generate", path, "--prompt", "w1"), needle)
+
+
+def test_convert_and_demo_json(tmp_path):
+    model = random_model(tiny_arch())
+    model.tokenizer = tiny_tokenizer()
+    tessera.save(model, tmp_path / "src")
+    out = json.loads(run("convert", tmp_path / "src", tmp_path / "dst", "--json").output)
+    assert out == {"out": str(tmp_path / "dst"), "params": model.num_params(), "dtype": "float32"}
+    demo = json.loads(run("demo", tmp_path / "src", "--eval-limit", 0, "--json", "--device", "cpu").output)
+    assert demo["params"] == model.num_params() and len(demo["layers"]) == 2
+    assert demo["predicted"]["128/1024"]["output_tokens_per_s"] > 0
+
+
+def test_output_without_a_terminal_is_not_wrapped(tmp_path):
+    """Piped or logged output keeps long lines (paths) whole instead of folding them at 80 columns."""
+    deep = tmp_path / ("a-directory-name-long-enough-to-pass-eighty-columns-on-its-own-" * 2) / "child"
+    model = random_model(tiny_arch())
+    model.tokenizer = tiny_tokenizer()
+    tessera.save(model, tmp_path / "src")
+    result = run("convert", tmp_path / "src", deep)
+    assert result.exit_code == 0 and len(str(deep)) > 160
+    assert f"to {deep}" in result.output.splitlines()[-1]
+    from tessera.cli.app import console
+
+    assert not console.is_terminal and console.width >= 200

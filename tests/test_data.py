@@ -1,36 +1,99 @@
 import json
 
 import pytest
+import torch
 
 from helpers import tiny_tokenizer
-from tessera.data import load_chunks, read_text
+from tessera.data import SPLITS, check_disjoint, load_split, read_text, split_ranges, text_blocks
 from tessera.errors import TesseraError
 
 
-def test_jsonl_text_and_chunks(tmp_path):
+def numbered_corpus(path, n_words=6000, per_line=12, seed=0):
+    """Lines of seeded random words: any 8 consecutive words occur once in the whole text."""
+    ids = torch.randint(4, 96, (n_words,), generator=torch.Generator().manual_seed(seed)).tolist()
+    words = [f"w{i - 4}" for i in ids]
+    lines = [" ".join(words[i:i + per_line]) for i in range(0, n_words, per_line)]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def test_splits_tile_the_text_disjointly_and_sample_all_of_it(tmp_path):
+    text = read_text(numbered_corpus(tmp_path / "c.txt"))
+    ranges = {s: split_ranges(text, s) for s in SPLITS}
+    covered = sorted(r for rs in ranges.values() for r in rs)
+    assert covered == text_blocks(text) and covered[0][0] == 0 and covered[-1][1] == len(text)
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # no gap, no overlap
+    chars = {s: sum(b - a for a, b in rs) for s, rs in ranges.items()}
+    assert chars["calibration"] > 6 * chars["reporting"] and abs(chars["selection"] - chars["reporting"]) < 0.05 * len(text)
+    # every split reaches the end of the text (interleaved blocks, not a head/tail cut)
+    assert all(rs[-1][1] > 0.75 * len(text) and rs[0][0] < 0.25 * len(text) for rs in ranges.values())
+    assert all(text[b - 1] in "\n " for a, b in covered[:-1])  # blocks end at line breaks or spaces
+
+
+def test_split_chunks_never_overlap_and_records_name_split_size_and_hash(tmp_path):
+    """Calibration, selection and reporting never share a token window: no 8-gram of one split occurs in another."""
+    path = tmp_path / "c.jsonl"
+    words = read_text(numbered_corpus(tmp_path / "c.txt")).split()
+    path.write_text("\n".join(json.dumps({"text": " ".join(words[i:i + 60])}) for i in range(0, len(words), 60)))
+    tok = tiny_tokenizer()
+    splits = {s: load_split(tok, s, path, seq_len=16) for s in SPLITS}
+    text_words = read_text(path).split()
+    grams = {}
+    for name, sp in splits.items():
+        ids = sp.chunks.flatten().tolist()
+        grams[name] = {tuple(ids[i:i + 8]) for i in range(len(ids) - 8)}
+        assert len(sp) > 0 and sp.chunks.shape[1] == 16
+    # the word stream is aperiodic over 8-grams, so a shared 8-gram would mean shared text
+    all_grams = [tuple(text_words[i:i + 8]) for i in range(len(text_words) - 8)]
+    assert len(set(all_grams)) == len(all_grams)
+    for a in SPLITS:
+        for b in SPLITS:
+            if a < b:
+                shared = grams[a] & grams[b]
+                assert not shared, (a, b, len(shared))
+    rec = splits["reporting"].record()
+    assert rec["split"] == "reporting" and rec["tokens"] == splits["reporting"].tokens == 16 * len(splits["reporting"])
+    assert rec["sha256"] != splits["selection"].record()["sha256"] and rec["source_sha256"] == \
+        splits["selection"].record()["source_sha256"]
+    again = load_split(tok, "reporting", path, seq_len=16)
+    assert torch.equal(again.chunks, splits["reporting"].chunks) and again.record() == rec  # deterministic
+    assert splits["reporting"].take(2).record()["tokens"] == 32
+
+
+def test_check_disjoint_refuses_the_same_split_in_two_roles(tmp_path):
+    path = numbered_corpus(tmp_path / "c.txt")
+    tok = tiny_tokenizer()
+    sel, rep = load_split(tok, "selection", path, seq_len=16), load_split(tok, "reporting", path, seq_len=16)
+    check_disjoint({"selection": sel.record(), "reporting": rep.record()})
+    with pytest.raises(TesseraError, match="selection and reporting data overlap"):
+        check_disjoint({"selection": sel.record(), "reporting": sel.take(3).record()})
+    with pytest.raises(TesseraError, match="overlap"):
+        check_disjoint({"calibration": load_split(tok, "all", path, seq_len=16).record(), "reporting": rep.record()})
+
+
+def test_jsonl_text(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps({"text": " ".join(f"w{i % 50}" for i in range(j, j + 40))}) for j in range(5)))
     assert read_text(path).count("\n\n") == 4
-    chunks = load_chunks(tiny_tokenizer(), path, seq_len=16, heldout_fraction=0.2)
-    assert chunks.train.shape[1] == 16 and len(chunks.train) + len(chunks.heldout) == 200 // 16
-    assert len(chunks.heldout) == 2  # the last chunks are held out, deterministically
-    again = load_chunks(tiny_tokenizer(), path, seq_len=16, heldout_fraction=0.2)
-    assert (again.heldout == chunks.heldout).all()
+    everything = load_split(tiny_tokenizer(), "all", path, seq_len=16)
+    assert len(everything) == 200 // 16 and everything.record()["split"] == "all"
 
 
 @pytest.mark.parametrize("content, name, needle", [
     ("", "e.txt", "data file is empty"),
     ("   \n\n", "e.jsonl", "data file is empty"),
     ('{"text": "w1"}\n{"txt": "w2"}\n', "bad.jsonl", "bad.jsonl:2: row needs 'text'"),
-    ("w1 w2 w3", "short.txt", "too short: 0 chunks of 16 tokens"),
+    ("w1 w2 w3", "short.txt", "too short: the calibration split"),
 ])
 def test_bad_or_short_data(tmp_path, content, name, needle):
     path = tmp_path / name
     path.write_text(content)
     with pytest.raises(TesseraError, match=needle):
-        load_chunks(tiny_tokenizer(), path, seq_len=16)
+        load_split(tiny_tokenizer(), "calibration", path, seq_len=16)
 
 
-def test_missing_file(tmp_path):
+def test_unknown_split_and_missing_file(tmp_path):
+    with pytest.raises(TesseraError, match="unknown data split 'test'"):
+        load_split(tiny_tokenizer(), "test", numbered_corpus(tmp_path / "c.txt"))
     with pytest.raises(TesseraError, match="no such data file"):
         read_text(tmp_path / "nope.txt")

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,75 @@ def test_cli_distill_writes_checkpoint_and_refuses_bad_pairs(teacher, tmp_path):
     assert_one_line_error(cli("distill", "--teacher", tmp_path / "parent", "--student", tmp_path / "student",
                               "--out", tmp_path / "o3", *common[2:], "--data", tmp_path / "short.txt"), "too short")
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_resume_refuses_other_settings_or_inputs_and_names_them(teacher, chunks, tmp_path):
+    distill(teacher, student_of(teacher), chunks, CFG, ckpt_dir=tmp_path, max_steps=2, progress=False)
+    cases = [
+        (dict(cfg=replace(CFG, lr=1e-3)), "lr 0.005 -> 0.001"),
+        (dict(cfg=replace(CFG, batch=4, seed=1)), "batch 8 -> 4; seed 0 -> 1"),
+        (dict(train=chunks.flip(0)), "train "),
+        (dict(student=prune(teacher, random_importance(teacher, seed=1), PruneTarget(ffn=16, hidden=24))), "student "),
+        (dict(cfg=replace(CFG, teacher_correction_steps=2)), "teacher_correction_steps 0 -> 2"),
+    ]
+    for change, needle in cases:
+        args = dict(cfg=CFG, train=chunks, student=student_of(teacher)) | change
+        with pytest.raises(TesseraError, match=f"other settings or inputs: .*{needle}") as info:
+            distill(teacher, args["student"], args["train"], args["cfg"], ckpt_dir=tmp_path, resume=True,
+                    progress=False)
+        assert "\n" not in str(info.value)
+    # eval / checkpoint frequency do not change the weights: allowed
+    _, log = distill(teacher, student_of(teacher), chunks, replace(CFG, eval_every=3, ckpt_every=3),
+                     ckpt_dir=tmp_path, resume=True, progress=False)
+    assert [e["step"] for e in log] == list(range(1, 9))
+
+
+def test_corrected_teacher_is_checkpointed_and_a_resumed_run_equals_an_uninterrupted_one(teacher, chunks, tmp_path,
+                                                                                       monkeypatch):
+    import tessera.distill as D
+
+    cfg = replace(CFG, teacher_correction_steps=3, teacher_correction_lr=1e-2)
+    full, _ = distill(teacher, student_of(teacher), chunks, cfg, ckpt_dir=tmp_path / "a", progress=False)
+    distill(teacher, student_of(teacher), chunks, cfg, ckpt_dir=tmp_path / "b", max_steps=3, progress=False)
+    assert (tmp_path / "b" / "teacher" / "teacher.safetensors").is_file()
+    monkeypatch.setattr(D, "correct_teacher", lambda *a, **k: pytest.fail("the corrected teacher was recomputed"))
+    resumed, _ = distill(teacher, student_of(teacher), chunks, cfg, ckpt_dir=tmp_path / "b", resume=True,
+                         progress=False)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    uncorrected, _ = distill(teacher, student_of(teacher), chunks, CFG, progress=False)
+    assert not torch.equal(uncorrected.lm_head.weight, full.lm_head.weight)  # the correction mattered
+    assert [p["stage"] for p in resumed.provenance][-1] == "distill"
+
+
+def test_distill_is_made_of_named_steps(teacher, chunks):
+    """The loop is start_run -> train_step -> evaluate -> save_checkpoint -> finish; a caller can drive it."""
+    from tessera.distill import evaluate, finish, start_run, train_step
+
+    run = start_run(teacher, student_of(teacher), chunks, CFG, heldout=chunks[:4], ckpt_dir=None, compute_dtype=None)
+    before = {k: v.clone() for k, v in run.student.state_dict().items()}
+    entry = train_step(run)
+    evaluate(run, entry)
+    assert run.step == 1 and entry["loss"] > 0 and "heldout_kld" not in entry  # eval_every 4
+    assert any(not torch.equal(before[k], v) for k, v in run.student.state_dict().items())
+    assert run.inputs["train"] and finish(run).provenance[-1]["steps"] == 1
+
+
+def test_cli_refuses_to_overwrite_an_earlier_runs_checkpoint(teacher, tmp_path):
+    import tessera
+
+    tessera.save(teacher, tmp_path / "parent")
+    tessera.save(student_of(teacher), tmp_path / "student")
+    ids = torch.randint(0, 92, (3000,), generator=torch.Generator().manual_seed(1))
+    (tmp_path / "corpus.txt").write_text(" ".join(f"w{i}" for i in ids.tolist()))
+    args = ["distill", "--teacher", tmp_path / "parent", "--student", tmp_path / "student", "--out", tmp_path / "out",
+            "--data", tmp_path / "corpus.txt", "--seq-len", 16, "--batch", 4, "--tokens", 16 * 4 * 4, "--ckpt-every",
+            2, "--device", "cpu"]
+    (tmp_path / "out.ckpt" / "last").mkdir(parents=True)
+    (tmp_path / "out.ckpt" / "last" / "state.json").write_text('{"step": 2}')
+    assert_one_line_error(cli(*args), "holds a checkpoint of an earlier run (step 2); pass --resume")
+    r = cli(*args, "--force", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["steps"] == 4 and out["data"]["train"]["split"] == "calibration"
+    assert out["data"]["heldout"]["split"] == "selection" and out["compute_dtype"] == "fp32"

@@ -196,6 +196,20 @@ def custom_task(tmp_path):
     return path
 
 
+def test_cache_is_keyed_by_scoring_code_and_results_say_what_made_them(planted, custom_task, tmp_path, monkeypatch):
+    import tessera.evaluate.run as run
+    from tessera.checkpoint import fingerprint
+
+    monkeypatch.setenv("TESSERA_HOME", str(tmp_path / "home"))
+    first = evaluate_tasks(planted, [str(custom_task)], progress=False)["mine"]
+    assert first["scoring_version"] == run.scoring_version() and first["model_fingerprint"] == fingerprint(planted)
+    assert first["task_version"] == 2
+    assert evaluate_tasks(planted, [str(custom_task)], progress=False)["mine"]["cached"]
+    monkeypatch.setattr(run, "scoring_version", lambda: "changed-code")  # e.g. a fix to acc_norm
+    again = evaluate_tasks(planted, [str(custom_task)], progress=False)["mine"]
+    assert "cached" not in again and again["scoring_version"] == "changed-code"
+
+
 def test_custom_task_end_to_end_and_cache(planted, custom_task, tmp_path, monkeypatch):
     monkeypatch.setenv("TESSERA_HOME", str(tmp_path / "home"))
     first = evaluate_tasks(planted, [str(custom_task)], progress=False)["mine"]
@@ -252,10 +266,19 @@ def test_lm_eval_adapter_methods(planted):
 
 
 def test_real_tasks_load_and_score(shared_dir, planted):
+    from tessera.evaluate.tasks import TASKS, load_items
+
+    root = shared_dir / "data" / "bench"
     results = evaluate_tasks(planted, ["arc_easy", "winogrande", "mmlu"], limit=3, progress=False, use_cache=False,
-                             data_dir=shared_dir / "data" / "bench")
-    assert results["arc_easy"]["n"] == 3 and 0.0 <= results["arc_easy"]["acc_norm"] <= 1.0
-    assert "acc_norm" not in results["winogrande"] and results["mmlu"]["acc_macro"] is not None
+                             data_dir=root)
+    scorer = Scorer(planted)
+    by_hand = [item_outcome(it, [Score(brute_loglik(planted, *scorer.split(c, t)), False, 0)
+                                 for c, t in zip(it.contexts, it.continuations)])
+               for it in load_items(TASKS["arc_easy"], root, limit=3)]
+    assert results["arc_easy"]["n"] == 3
+    assert results["arc_easy"]["acc_norm"] == pytest.approx(sum(o["acc_norm"] for o in by_hand) / 3)
+    assert results["arc_easy"]["acc"] == pytest.approx(sum(o["acc"] for o in by_hand) / 3)
+    assert "acc_norm" not in results["winogrande"]
     assert len(results["mmlu"]["groups"]) == 3  # subjects are interleaved: 3 items, 3 subjects
 
 

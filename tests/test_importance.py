@@ -74,3 +74,57 @@ def test_importance_round_trips(tmp_path, teacher, chunks):
     assert torch.equal(again.neurons[3], imp.neurons[3]) and torch.equal(again.drop_loss, imp.drop_loss)
     assert torch.equal(again.drop_kl, imp.drop_kl)
     assert again.meta["batch_agg"] == "l2"
+
+
+def test_scores_do_not_depend_on_the_batch_size(teacher, chunks):
+    """Per-sample statistics are reduced per sample before the batch reduction, whatever the batch size (channel
+    scores once summed the layernorm outputs of different samples when the batch held more than one)."""
+    one = activation_importance(teacher, chunks, batch_size=1)
+    eight = activation_importance(teacher, chunks, batch_size=8)
+    odd = activation_importance(teacher, chunks, batch_size=5)  # a last batch of 4
+    for other in (eight, odd):
+        torch.testing.assert_close(other.channels, one.channels, rtol=1e-5, atol=0)
+        torch.testing.assert_close(other.neurons[2], one.neurons[2], rtol=1e-5, atol=0)
+        torch.testing.assert_close(other.heads[1], one.heads[1], rtol=1e-5, atol=0)
+        torch.testing.assert_close(other.block_importance, one.block_importance, rtol=1e-5, atol=0)
+
+
+def test_magnitude_depth_score_is_the_norm_of_what_a_block_writes(teacher):
+    """Data-free layer score: the output projections' norms. A layer whose o_proj and down_proj are scaled down
+    ranks last and is the one depth pruning drops (once every layer tied at its parameter count)."""
+    from tessera.importance import magnitude_importance
+
+    with torch.no_grad():
+        teacher.model.layers[2].self_attn.o_proj.weight.mul_(0.05)
+        teacher.model.layers[2].mlp.down_proj.weight.mul_(0.05)
+    imp = magnitude_importance(teacher)
+    block = teacher.model.layers[0]
+    o, down = block.self_attn.o_proj.weight.detach(), block.mlp.down_proj.weight.detach()
+    assert float(imp.block_importance[0]) == pytest.approx(float(o.norm() + down.norm()), rel=1e-6)
+    assert int(imp.block_importance.argmin()) == 2 and len(set(imp.block_importance.tolist())) == 4
+    assert prune(teacher, imp, PruneTarget(layers=3)).provenance[-1]["dropped_layers"] == [2]
+
+
+def test_drop_scores_use_drop_samples_chunks_and_say_so(teacher, chunks):
+    from tessera.importance import drop_layer_scores
+
+    imp = activation_importance(teacher, chunks, with_drop_loss=True, drop_samples=6)
+    loss, kl = drop_layer_scores(teacher, chunks[:6])
+    assert imp.meta["drop_samples"] == 6 and torch.equal(imp.drop_kl, kl) and torch.equal(imp.drop_loss, loss)
+    assert not torch.equal(activation_importance(teacher, chunks, with_drop_loss=True).drop_kl, kl)  # default 4
+    with pytest.raises(TesseraError, match="--drop-samples"):
+        activation_importance(teacher, chunks, with_drop_loss=True, drop_samples=0)
+
+
+def test_scores_carry_the_model_fingerprint_and_their_data(teacher, chunks, tmp_path):
+    from tessera.checkpoint import fingerprint
+    from tessera.data import DataSplit
+
+    split = DataSplit("calibration", chunks[:8], "mem", "abc", 16)
+    imp = activation_importance(teacher, split)
+    assert imp.meta["fingerprint"] == fingerprint(teacher) and imp.meta["data"] == split.record()
+    again = Importance.load(imp.save(tmp_path / "s.safetensors"))
+    again.check(teacher)
+    del again.meta["fingerprint"]
+    with pytest.raises(TesseraError, match="no model fingerprint"):
+        again.check(teacher)

@@ -35,7 +35,6 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
 MAX_SHARD_BYTES = 4 * 1024**3
 PROVENANCE_FILE = "tessera.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def tessera_home() -> Path:
@@ -43,9 +42,16 @@ def tessera_home() -> Path:
 
 
 # ---------------------------------------------------------------------------- loading
-def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str = "cpu",
-         with_tokenizer: bool = True) -> Transformer:
-    """Load a model (and its tokenizer, as `model.tokenizer`) from a name, directory or GGUF file."""
+def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+         device: str | torch.device = "cpu", with_tokenizer: bool = True) -> Transformer:
+    """Load a model (and its tokenizer, as `model.tokenizer`) from a name, directory or GGUF file.
+
+    `device` and `dtype` speak `tessera.devices`' vocabulary (auto / cpu / cuda / cuda:N; fp32 / bf16 / fp16 and
+    their torch names); dtype None keeps the checkpoint's. RoPE frequencies stay in fp32 whatever the dtype."""
+    from tessera.devices import resolve_device, torch_dtype
+
+    target_device = resolve_device(device)
+    target_dtype = torch_dtype(dtype) if dtype is not None else None
     source = str(name_or_path)
     if source == DEFAULT_NAME:
         path = default_parent_dir()
@@ -59,21 +65,14 @@ def load(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str | None = N
         model = _load_dir(path)
     else:
         raise TesseraError(f"{path}: not a model directory (no config.json) or .gguf file")
-    if dtype is not None:
-        model = model.to(_as_dtype(dtype))
-    model = model.to(device)
+    if target_dtype is not None:
+        model = model.to(target_dtype)
+    model = model.to(target_device)
+    model.inv_freq = model.inv_freq.float()
     if with_tokenizer and model.tokenizer is None and path.is_dir():
         model.tokenizer = load_tokenizer(path)
     model.eval()
     return model
-
-
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise TesseraError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
 
 
 def _load_dir(path: Path) -> Transformer:
@@ -128,6 +127,28 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise TesseraError(f"{file}: truncated or corrupt safetensors file ({msg}); re-download or re-save it") from None
+
+
+def verify_weights(path: Path, arch: ArchSpec) -> dict[str, Any] | None:
+    """Check a checkpoint directory's safetensors against `arch` without loading any tensor (the shards' headers,
+    read by `tessera.stream.weights.WeightIndex`: a missing, truncated or padded shard, a missing, extra or misshapen
+    tensor is one line). Returns a summary (files, tensors, bytes, dtypes), or None when the directory has no
+    weights (config only)."""
+    from tessera.stream.weights import WeightIndex
+
+    if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
+        if (path / "pytorch_model.bin").is_file():
+            return {"files": ["pytorch_model.bin"], "verified": False}
+        return None
+    index = WeightIndex(path)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(arch).state_dict().items()}
+    if arch.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        index.tensors.pop("lm_head.weight", None)
+    index.check(arch, expected)
+    return {"files": [f.name for f in index.files], "tensors": len(index.tensors), "bytes": index.nbytes,
+            "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in index.tensors.values()}), "verified": True}
 
 
 def from_state_dict(arch: ArchSpec, state: dict[str, torch.Tensor], source: str = "checkpoint") -> Transformer:

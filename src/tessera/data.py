@@ -1,15 +1,29 @@
-"""Text data for calibration, distillation, perplexity and KLD: files -> token ids -> fixed-length chunks.
+"""Text data for calibration, distillation, perplexity and KLD: files -> three disjoint splits -> token chunks.
 
-A text file is read whole; a `.jsonl` file contributes the `text` field of each row. Token ids are cut into
-non-overlapping chunks of `seq_len` (the tail that does not fill a chunk is dropped). A deterministic split
-keeps held-out chunks (for KLD / validation) apart from training / calibration chunks.
+A text file is read whole; a `.jsonl` file contributes the `text` field of each row. Every corpus is dealt into
+three disjoint splits, so that no number is reported on the text it was chosen or fitted on:
+
+* `calibration` (80 %): importance scores, distillation and teacher-correction training, quantization scales;
+* `selection`   (10 %): choices among candidates (the width/depth search, Puzzle's block scores, validation
+  during distillation);
+* `reporting`   (10 %): the KLD / perplexity a benchmark or `tessera kld` reports.
+
+The text is cut into blocks of about `BLOCK_CHARS` characters at line breaks, and block j goes to the split of
+`j % 10` (8 blocks of 10 to calibration, one each to selection and reporting), so every split samples the whole
+corpus and the splits never share a character, whatever the tokenizer or sequence length. A split's blocks are
+joined, tokenized (up to `max_tokens`) and cut into non-overlapping chunks of `seq_len` tokens (the tail that does
+not fill a chunk is dropped). `split="all"` is the whole file, for a text the user names for one measurement.
+
+Every `DataSplit` has a `record()` (source file and its hash, split, chunks, tokens, content hash of the token ids)
+that stages write into their outputs; `check_disjoint` refuses records of one source whose roles share a split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -88,12 +102,71 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     return out
 
 
-@dataclass(frozen=True)
-class TokenChunks:
-    """Fixed-length token chunks, split deterministically into train (calibration) and held-out sets."""
+SPLITS = ("calibration", "selection", "reporting")
+# position of each block within a period of 10 -> split (8 x calibration, 1 x selection, 1 x reporting)
+_PATTERN = ("calibration",) * 4 + ("selection",) + ("calibration",) * 4 + ("reporting",)
+BLOCK_CHARS = 4096
+MIN_BLOCKS = 40  # a short text is cut into smaller blocks, so that each split gets several
 
-    train: torch.Tensor  # (N, seq_len)
-    heldout: torch.Tensor  # (M, seq_len)
+
+def text_blocks(text: str) -> list[tuple[int, int]]:
+    """(start, end) character ranges of consecutive blocks that tile `text`: about BLOCK_CHARS characters (fewer
+    for a text shorter than MIN_BLOCKS blocks), each ending at a line break, else a space, in its second half."""
+    size = max(32, min(BLOCK_CHARS, len(text) // MIN_BLOCKS))
+    blocks, start = [], 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            for sep in ("\n", " "):
+                cut = text.rfind(sep, start + size // 2, end)
+                if cut >= 0:
+                    end = cut + 1
+                    break
+        blocks.append((start, end))
+        start = end
+    return blocks
+
+
+def split_ranges(text: str, split: str) -> list[tuple[int, int]]:
+    """The character ranges of `text` that belong to `split` (all of it for "all")."""
+    if split == "all":
+        return [(0, len(text))]
+    if split not in SPLITS:
+        raise TesseraError(f"unknown data split {split!r}; use one of {', '.join(SPLITS)} or all")
+    return [r for j, r in enumerate(text_blocks(text)) if _PATTERN[j % len(_PATTERN)] == split]
+
+
+def sha256_ids(ids: torch.Tensor) -> str:
+    """Content hash of token ids (independent of the tensor's shape and device)."""
+    return hashlib.sha256(ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """Token chunks (N, seq_len) of one split of one source, and where they came from."""
+
+    name: str  # calibration | selection | reporting | all
+    chunks: torch.Tensor
+    source: str  # file path, or a description for in-memory data
+    source_sha256: str  # hash of the source text
+    seq_len: int
+
+    @property
+    def tokens(self) -> int:
+        return self.chunks.numel()
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def take(self, n: int) -> DataSplit:
+        """The first `n` chunks (the record says how many were used)."""
+        return replace(self, chunks=self.chunks[:n])
+
+    def record(self) -> dict:
+        """What an output says about the data it used: which split, how many tokens, their hash."""
+        return {"split": self.name, "source": self.source, "source_sha256": self.source_sha256,
+                "chunks": len(self.chunks), "seq_len": self.seq_len, "tokens": self.tokens,
+                "sha256": sha256_ids(self.chunks)}
 
 
 def chunk(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -101,15 +174,36 @@ def chunk(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     return ids[: n * seq_len].view(n, seq_len)
 
 
-def load_chunks(tokenizer, path: str | Path | None = None, *, seq_len: int = 256, max_tokens: int | None = None,
-                heldout_fraction: float = 0.05, min_chunks: int = 1) -> TokenChunks:
-    """Read, tokenize and chunk a data file (default: the shared corpus); the last chunks are held out."""
-    path = Path(path) if path is not None else default_corpus()
-    if seq_len < 2:
+def load_split(tokenizer, split: str, path: str | Path | None = None, *, seq_len: int | None = 256,
+               max_tokens: int | None = None, min_chunks: int = 1) -> DataSplit:
+    """Chunks of one split of a data file (default: the shared corpus); see the module docstring.
+    `seq_len=None` keeps the split's tokens as one row (for sliding-window perplexity)."""
+    path = Path(path).expanduser() if path is not None else default_corpus()
+    if seq_len is not None and seq_len < 2:
         raise TesseraError(f"seq_len must be >= 2, got {seq_len}")
-    chunks = chunk(tokenize(tokenizer, read_text(path), max_tokens), seq_len)
+    text = read_text(path)
+    part = "\n".join(text[a:b] for a, b in split_ranges(text, split))
+    ids = tokenize(tokenizer, part, max_tokens) if part.strip() else torch.zeros(0, dtype=torch.long)
+    if seq_len is None:
+        seq_len = max(ids.numel(), 1)
+    chunks = chunk(ids, seq_len)
     if len(chunks) < min_chunks:
-        raise TesseraError(f"{path}: too short: {len(chunks)} chunks of {seq_len} tokens, need at least "
-                           f"{min_chunks}; give more text or a smaller --seq-len")
-    n_held = min(len(chunks) - 1, max(1, round(len(chunks) * heldout_fraction))) if len(chunks) > 1 else 0
-    return TokenChunks(train=chunks[: len(chunks) - n_held], heldout=chunks[len(chunks) - n_held:])
+        where = f"the {split} split ({len(part):,} of {len(text):,} characters) of " if split != "all" else ""
+        raise TesseraError(f"{path}: too short: {where}it gives {len(chunks)} chunks of {seq_len} tokens, need at "
+                           f"least {min_chunks}; give more text or a smaller --seq-len")
+    source_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return DataSplit(split, chunks, str(path), source_hash, seq_len)
+
+
+def check_disjoint(records: dict[str, dict]) -> None:
+    """Refuse data records (role -> `DataSplit.record()`) where two roles used the same split of one source, or
+    the same tokens: e.g. candidates selected on the text their result is reported on."""
+    roles = list(records)
+    for i, a in enumerate(roles):
+        for b in roles[i + 1:]:
+            ra, rb = records[a], records[b]
+            same_source = ra.get("source_sha256") == rb.get("source_sha256")
+            if ra.get("sha256") == rb.get("sha256") or same_source and (
+                    ra.get("split") == rb.get("split") or "all" in (ra.get("split"), rb.get("split"))):
+                raise TesseraError(f"{a} and {b} data overlap (both use the {ra.get('split')} split of "
+                                   f"{ra.get('source')}); use disjoint splits")

@@ -73,18 +73,23 @@ def autocast(device: torch.device, dtype: str | torch.dtype | None):
     return torch.autocast("cuda", dtype=torch_dtype(dtype))
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size). Under torchrun, initialise the process group once: NCCL when this process has a GPU
-    (each rank on the GPU of its LOCAL_RANK), gloo on the CPU."""
+def init_distributed(device: torch.device | str | None = None) -> tuple[int, int]:
+    """(rank, world size). Under torchrun, initialise the process group once: NCCL when this process computes on
+    a GPU (each rank on the GPU of its LOCAL_RANK), gloo when its tensors are on the CPU (NCCL cannot reduce CPU
+    tensors, even on a machine that has GPUs)."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank())
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
+        where = resolve_device(device)
+        if where.type == "cuda":
+            torch.cuda.set_device(where)
+        dist.init_process_group(distributed_backend(where))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def distributed_backend(device: torch.device) -> str:
+    """The collective backend for tensors on `device`: nccl on CUDA, gloo on the CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"

@@ -1,12 +1,25 @@
 """Knowledge distillation: train a student to match a teacher's logits (and optionally hidden states).
 
-Loss = T^2 * KL(teacher_T || student_T) on the logits at temperature T (forward KL, Minitron), plus, with
-loss="kl+cosine", a cosine loss between final hidden states (Puzzle's GKD; needs equal hidden sizes). AdamW,
-linear warm-up then cosine decay, gradient clipping, periodic held-out KLD. Every `ckpt_every` steps a
-checkpoint (student weights, optimizer, RNG, step) is written atomically; `resume=True` continues from it
-bit for bit: the data order is a pure function of (seed, step). Under torchrun each process takes its slice
-of every global batch and DDP averages gradients (gloo on CPU, nccl on GPU), so the result matches one
-process with the same global batch.
+Loss (`distill_loss`) = T^2 * KL(teacher_T || student_T) on the logits at temperature T (forward KL, Minitron),
+plus, with loss="kl+cosine", a cosine loss between final hidden states (Puzzle's GKD; needs equal hidden sizes).
+AdamW, linear warm-up then cosine decay, gradient clipping, periodic KLD on held-out (selection) chunks.
+
+`distill` runs named steps on a `DistillRun`:
+
+1. `prepare_teacher`  optional teacher correction (Minitron: a short LM fine-tune of the teacher on the data),
+                      checkpointed, so a resumed run distils from exactly the same corrected teacher;
+2. `start_run`        checks, seeds, the optimizer, the DDP wrapper; fingerprints of the inputs;
+3. `restore`          with resume=True: refuses a checkpoint made with other settings or inputs (naming each
+                      difference), else loads student, optimizer, RNG and step;
+4. `train_step`       one global batch (gradient accumulation, DDP all-reduce), under bf16 autocast on a GPU;
+5. `evaluate`         held-out KLD every `eval_every` steps;
+6. `save_checkpoint`  every `ckpt_every` steps, atomically: student weights, optimizer, RNG, step, config and the
+                      input fingerprints;
+7. `finish`           provenance.
+
+The data order is a pure function of (seed, step), so a resumed run continues bit for bit. Under torchrun each
+process takes its slice of every global batch and DDP averages gradients (gloo on the CPU, NCCL when the tensors
+are on CUDA), so the result matches one process with the same global batch.
 """
 
 from __future__ import annotations
@@ -15,7 +28,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,9 +36,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from tessera.checkpoint import fingerprint
+from tessera.data import DataSplit, sha256_ids
+from tessera.devices import autocast, default_dtype, format_name
 from tessera.errors import TesseraError
 from tessera.io import atomic_dir
 from tessera.model import Transformer
+
+LOSSES = ("kl", "kl+cosine")
 
 
 @dataclass(frozen=True)
@@ -40,11 +58,16 @@ class DistillConfig:
     weight_decay: float = 0.0
     clip: float = 1.0
     temperature: float = 1.0
-    loss: str = "kl"  # "kl" | "kl+cosine"
+    loss: str = "kl"  # one of LOSSES
     cosine_weight: float = 1.0
     eval_every: int = 50
     ckpt_every: int = 50
     seed: int = 0
+    teacher_correction_steps: int = 0  # LM fine-tuning steps on the teacher before distillation (0: none)
+    teacher_correction_lr: float = 1e-5
+
+    # Fields that do not change the trained weights, so a resumed run may change them.
+    RESUMABLE_CHANGES = ("eval_every", "ckpt_every")
 
     @property
     def tokens_per_step(self) -> int:
@@ -55,10 +78,14 @@ class DistillConfig:
         return max(1, self.tokens // self.tokens_per_step)
 
     def validate(self) -> None:
-        if self.loss not in ("kl", "kl+cosine"):
-            raise TesseraError(f"--loss {self.loss!r} is not supported; use kl or kl+cosine")
+        if self.loss not in LOSSES:
+            raise TesseraError(f"--loss {self.loss!r} is not supported; use {' or '.join(LOSSES)}")
         if self.temperature <= 0 or self.lr <= 0:
             raise TesseraError("--temperature and --lr must be positive")
+        if self.batch < 1 or self.grad_accum < 1 or self.eval_every < 1 or self.ckpt_every < 1:
+            raise TesseraError("--batch, --grad-accum, --eval-every and --ckpt-every must be >= 1")
+        if self.teacher_correction_steps < 0 or self.teacher_correction_lr <= 0:
+            raise TesseraError("--teacher-correction must be >= 0 steps with a positive learning rate")
 
 
 def lr_at(cfg: DistillConfig, step: int) -> float:
@@ -89,6 +116,23 @@ def check_pair(teacher: Transformer, student: Transformer, cfg: DistillConfig) -
         raise TesseraError("teacher and student tokenizers differ; distil a student pruned from this teacher")
     if cfg.loss == "kl+cosine" and teacher.arch.hidden_size != student.arch.hidden_size:
         raise TesseraError("--loss kl+cosine needs equal hidden sizes (the student's embedding was pruned); use --loss kl")
+    if teacher.device != student.device:
+        raise TesseraError(f"teacher is on {teacher.device} and student on {student.device}; put both on one device")
+
+
+# ---------------------------------------------------------------------------- the loss
+@dataclass
+class Outputs:
+    """What the loss may compare: logits (B, T, V) and final-norm hidden states (B, T, h)."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+def run_model(model, ids: torch.Tensor) -> Outputs:
+    """One forward pass (through the DDP wrapper when there is one)."""
+    logits, hidden = model(ids, return_hidden=True)
+    return Outputs(logits, hidden)
 
 
 def kd_loss(t_logits, s_logits, temperature: float, t_hidden=None, s_hidden=None, cosine_weight: float = 1.0):
@@ -100,117 +144,252 @@ def kd_loss(t_logits, s_logits, temperature: float, t_hidden=None, s_hidden=None
     return loss
 
 
-# ---------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, student: Transformer, optimizer, step: int, cfg: DistillConfig, log: list) -> None:
-    with atomic_dir(path, force=True) as tmp:
-        state = {k: v.detach().contiguous().cpu() for k, v in student.state_dict().items()}
-        if student.arch.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_file(state, str(tmp / "student.safetensors"))
-        rng = {"rng": torch.get_rng_state()}
-        if torch.cuda.is_available():  # resume on GPU is bit-exact too (nothing in the loop draws from it today)
-            rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": optimizer.state_dict(), **rng}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "config": asdict(cfg), "log": log}, indent=2))
+def distill_loss(cfg: DistillConfig, teacher: Outputs, student: Outputs) -> torch.Tensor:
+    """The training loss of `cfg.loss` (add a term here, and its name to LOSSES, to extend distillation)."""
+    if cfg.loss == "kl+cosine":
+        return kd_loss(teacher.logits, student.logits, cfg.temperature, teacher.hidden, student.hidden,
+                       cfg.cosine_weight)
+    return kd_loss(teacher.logits, student.logits, cfg.temperature)
 
 
-def load_checkpoint(path: Path, student: Transformer, optimizer) -> tuple[int, list]:
-    state = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "student.safetensors"))
-    student.load_state_dict(weights, strict=not student.arch.tie_word_embeddings)
-    extra = torch.load(path / "optimizer.pt", weights_only=True)
-    optimizer.load_state_dict(extra["optimizer"])
-    torch.set_rng_state(extra["rng"])
-    if "cuda_rng" in extra and torch.cuda.is_available() and len(extra["cuda_rng"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(extra["cuda_rng"])
-    return state["step"], state["log"]
+# ---------------------------------------------------------------------------- the run
+@dataclass
+class DistillRun:
+    cfg: DistillConfig
+    teacher: Transformer
+    student: Transformer
+    model: torch.nn.Module  # the student, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    train: torch.Tensor
+    heldout: torch.Tensor | None
+    compute_dtype: str  # autocast dtype on a GPU
+    world: int = 1
+    rank: int = 0
+    step: int = 0
+    log: list[dict] = field(default_factory=list)
+    inputs: dict = field(default_factory=dict)  # fingerprints of teacher, student and data: must match on resume
+    data: dict = field(default_factory=dict)  # records of the data splits used
+    ckpt: Path | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.student.device
 
 
-# ---------------------------------------------------------------------------- training
-def distill(teacher: Transformer, student: Transformer, train: torch.Tensor, cfg: DistillConfig, *,
-            heldout: torch.Tensor | None = None, ckpt_dir: str | Path | None = None, resume: bool = False,
-            max_steps: int | None = None, progress: bool = True) -> tuple[Transformer, list[dict]]:
-    """Train `student` in place to match `teacher` on token chunks `train` (N, seq_len); returns it and the log.
+def _tensor_and_record(data: torch.Tensor | DataSplit | None) -> tuple[torch.Tensor | None, dict | None]:
+    if data is None:
+        return None, None
+    if isinstance(data, DataSplit):
+        return data.chunks, data.record()
+    return data, {"split": "given", "chunks": len(data), "tokens": data.numel(), "sha256": sha256_ids(data)}
 
-    `max_steps` stops early (as if killed) after that many steps of this call; a later call with
-    resume=True continues exactly where the checkpoint left off.
-    """
+
+def prepare_teacher(teacher: Transformer, train: torch.Tensor, cfg: DistillConfig, ckpt_dir: Path | None, *,
+                    inplace: bool = False, rank: int = 0, compute_dtype: str | None = None) -> Transformer:
+    """The teacher to distil from: itself, or its correction (`correct_teacher`), which is saved under
+    `ckpt_dir/teacher` and reloaded from there when the same correction of the same teacher was made before."""
+    if cfg.teacher_correction_steps == 0:
+        return teacher
+    settings = {"teacher": fingerprint(teacher), "data": sha256_ids(train), "steps": cfg.teacher_correction_steps,
+                "lr": cfg.teacher_correction_lr, "batch": cfg.batch, "seed": cfg.seed}
+    saved = ckpt_dir / "teacher" if ckpt_dir is not None else None
+    if saved is not None and (saved / "state.json").is_file():
+        if json.loads((saved / "state.json").read_text()).get("settings") == settings:
+            target = teacher if inplace else copy.deepcopy(teacher)
+            weights = load_file(str(saved / "teacher.safetensors"), device=str(teacher.device))
+            target.load_state_dict(weights, strict=not teacher.arch.tie_word_embeddings)
+            target.provenance = [*getattr(teacher, "provenance", []), _correction_record(cfg)]
+            return target.eval()
+    corrected = correct_teacher(teacher, train, steps=cfg.teacher_correction_steps, lr=cfg.teacher_correction_lr,
+                                batch=cfg.batch, seed=cfg.seed, inplace=inplace, compute_dtype=compute_dtype)
+    if saved is not None and rank == 0:
+        with atomic_dir(saved, force=True) as tmp:
+            save_file(_cpu_state(corrected), str(tmp / "teacher.safetensors"))
+            (tmp / "state.json").write_text(json.dumps({"settings": settings}, indent=2, sort_keys=True))
+    if dist.is_initialized():
+        dist.barrier()
+    return corrected
+
+
+def start_run(teacher: Transformer, student: Transformer, train: torch.Tensor | DataSplit, cfg: DistillConfig, *,
+              heldout: torch.Tensor | DataSplit | None, ckpt_dir: str | Path | None,
+              compute_dtype: str | None) -> DistillRun:
     cfg.validate()
     check_pair(teacher, student, cfg)
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    train_t, train_rec = _tensor_and_record(train)
+    held_t, held_rec = _tensor_and_record(heldout)
     if cfg.batch % world:
         raise TesseraError(f"--batch {cfg.batch} must be divisible by the {world} processes")
-    if len(train) < cfg.batch:
-        raise TesseraError(f"only {len(train)} training chunks of {train.shape[1] if train.ndim == 2 else '?'} "
+    if len(train_t) < cfg.batch:
+        raise TesseraError(f"only {len(train_t)} training chunks of {train_t.shape[1] if train_t.ndim == 2 else '?'} "
                            f"tokens for a batch of {cfg.batch}; give more data or lower --batch/--seq-len")
     torch.manual_seed(cfg.seed)
     teacher.eval()
     student.train()
-    model = student
+    model: torch.nn.Module = student
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(student)
+        device = student.device
+        ids = [device.index] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(student, device_ids=ids)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    ckpt = Path(ckpt_dir) / "last" if ckpt_dir is not None else None
-    step, log = 0, []
+    inputs = {"teacher": fingerprint(teacher), "student": fingerprint(student), "train": sha256_ids(train_t),
+              "heldout": sha256_ids(held_t) if held_t is not None else None}
+    dtype = format_name(compute_dtype) if compute_dtype else default_dtype(student.device)
+    return DistillRun(cfg, teacher, student, model, optimizer, train_t, held_t, dtype, world, rank, inputs=inputs,
+                      data={"train": train_rec, "heldout": held_rec},
+                      ckpt=Path(ckpt_dir) / "last" if ckpt_dir is not None else None)
+
+
+def resume_differences(saved: dict, run: DistillRun) -> list[str]:
+    """'name: then -> now' for every config field and input that differs from the checkpoint's."""
+    diffs = []
+    then_cfg, now_cfg = saved.get("config", {}), asdict(run.cfg)
+    for key, now in now_cfg.items():
+        if key not in DistillConfig.RESUMABLE_CHANGES and then_cfg.get(key) != now:
+            diffs.append(f"{key} {then_cfg.get(key)!r} -> {now!r}")
+    then_in = saved.get("inputs") or {}
+    for key, now in run.inputs.items():
+        if then_in.get(key) != now:
+            diffs.append(f"{key} {then_in.get(key) or 'unrecorded'} -> {now}")
+    return diffs
+
+
+def restore(run: DistillRun) -> None:
+    if run.ckpt is None or not (run.ckpt / "state.json").is_file():
+        where = run.ckpt.parent if run.ckpt is not None else "(no checkpoint directory given)"
+        raise TesseraError(f"--resume: no checkpoint in {where}; start without --resume")
+    saved = json.loads((run.ckpt / "state.json").read_text())
+    diffs = resume_differences(saved, run)
+    if diffs:
+        raise TesseraError(f"--resume: the checkpoint in {run.ckpt} was made with other settings or inputs: "
+                           f"{'; '.join(diffs)}; restore them, or start over with --force")
+    weights = load_file(str(run.ckpt / "student.safetensors"), device=str(run.device))
+    run.student.load_state_dict(weights, strict=not run.student.arch.tie_word_embeddings)
+    extra = torch.load(run.ckpt / "optimizer.pt", weights_only=True, map_location=run.device)
+    run.optimizer.load_state_dict(extra["optimizer"])
+    torch.set_rng_state(extra["rng"].cpu())
+    if "cuda_rng" in extra and torch.cuda.is_available() and len(extra["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in extra["cuda_rng"]])
+    run.step, run.log = saved["step"], saved["log"]
+
+
+def train_step(run: DistillRun) -> dict:
+    """One optimizer step over a global batch; returns its log entry."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_at(cfg, run.step)
+    idx = batch_indices(cfg, len(run.train), run.step).view(cfg.grad_accum, cfg.batch)
+    per_rank = cfg.batch // run.world
+    total = 0.0
+    for micro in range(cfg.grad_accum):
+        ids = run.train[idx[micro, run.rank * per_rank:(run.rank + 1) * per_rank]].to(run.device)
+        with autocast(run.device, run.compute_dtype):
+            with torch.no_grad():
+                t_out = run_model(run.teacher, ids)
+            s_out = run_model(run.model, ids)
+            loss = distill_loss(cfg, t_out, s_out) / cfg.grad_accum
+        loss.backward()
+        total += loss.item()
+    if run.world > 1:  # log the global batch's loss, not this rank's share
+        t = torch.tensor(total, device=run.device)
+        dist.all_reduce(t)
+        total = t.item() / run.world
+    torch.nn.utils.clip_grad_norm_(run.student.parameters(), cfg.clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return {"step": run.step, "loss": total, "lr": lr_at(cfg, run.step - 1),
+            "tokens_per_s": cfg.tokens_per_step / (time.perf_counter() - t0)}
+
+
+def evaluate(run: DistillRun, entry: dict) -> None:
+    """Adds the held-out KLD to `entry` every `eval_every` steps and at the last step."""
+    if run.heldout is None or not (run.step % run.cfg.eval_every == 0 or run.step == run.cfg.steps):
+        return
+    from tessera.evaluate import mean_kld
+
+    run.student.eval()
+    entry["heldout_kld"] = mean_kld(run.teacher, run.student, run.heldout).kld
+    run.student.train()
+
+
+def _cpu_state(model: Transformer) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.arch.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_checkpoint(run: DistillRun, force: bool = False) -> None:
+    """Every `ckpt_every` steps and at the end (rank 0): student, optimizer, RNG, step, log, config, inputs."""
+    if run.ckpt is None or run.rank != 0 or not (force or run.step % run.cfg.ckpt_every == 0
+                                                 or run.step == run.cfg.steps):
+        return
+    with atomic_dir(run.ckpt, force=True) as tmp:
+        save_file(_cpu_state(run.student), str(tmp / "student.safetensors"))
+        rng = {"rng": torch.get_rng_state()}
+        if torch.cuda.is_available():  # resume on GPU is bit-exact too (nothing in the loop draws from it today)
+            rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch.save({"optimizer": run.optimizer.state_dict(), **rng}, tmp / "optimizer.pt")
+        state = {"step": run.step, "config": asdict(run.cfg), "inputs": run.inputs, "data": run.data, "log": run.log}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def finish(run: DistillRun) -> Transformer:
+    run.student.eval()
+    run.student.provenance = [*getattr(run.student, "provenance", []),
+                              {"stage": "distill", "config": asdict(run.cfg), "steps": run.step, "world_size": run.world,
+                               "final_loss": run.log[-1]["loss"] if run.log else None, "inputs": run.inputs,
+                               "data": run.data}]
+    return run.student
+
+
+def distill(teacher: Transformer, student: Transformer, train: torch.Tensor | DataSplit, cfg: DistillConfig, *,
+            heldout: torch.Tensor | DataSplit | None = None, ckpt_dir: str | Path | None = None,
+            resume: bool = False, max_steps: int | None = None, progress: bool = True,
+            compute_dtype: str | None = None, inplace_teacher: bool = False) -> tuple[Transformer, list[dict]]:
+    """Train `student` in place to match `teacher` on token chunks `train` (N, seq_len; the calibration split);
+    returns it and the log. `heldout` (the selection split) is scored every `cfg.eval_every` steps.
+
+    Both models must be on one device (the student in fp32: it holds the master weights); on a GPU the forward
+    passes run under `compute_dtype` autocast (default bf16). `max_steps` stops early (as if killed) after that
+    many steps of this call; a later call with resume=True continues exactly where the checkpoint left off.
+    `inplace_teacher` corrects the teacher in place (when the caller holds the only copy of a large teacher).
+    """
+    cfg.validate()
+    train_t = train.chunks if isinstance(train, DataSplit) else train
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    teacher = prepare_teacher(teacher, train_t, cfg, Path(ckpt_dir) if ckpt_dir is not None else None,
+                              inplace=inplace_teacher, rank=rank, compute_dtype=compute_dtype)
+    run = start_run(teacher, student, train, cfg, heldout=heldout, ckpt_dir=ckpt_dir, compute_dtype=compute_dtype)
     if resume:
-        if ckpt is None or not (ckpt / "state.json").is_file():
-            raise TesseraError(f"--resume: no checkpoint in {ckpt_dir}; start without --resume")
-        step, log = load_checkpoint(ckpt, student, optimizer)
-    use_cosine = cfg.loss == "kl+cosine"
-    per_rank = cfg.batch // world
+        restore(run)
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("distill"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not progress or rank != 0)
+                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not progress or run.rank != 0)
     done_here = 0
     with bar:
-        task = bar.add_task("distill", total=cfg.steps, completed=step, info="")
-        while step < cfg.steps and (max_steps is None or done_here < max_steps):
-            t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(cfg, step)
-            idx = batch_indices(cfg, len(train), step).view(cfg.grad_accum, cfg.batch)
-            total = 0.0
-            for micro in range(cfg.grad_accum):
-                ids = train[idx[micro, rank * per_rank:(rank + 1) * per_rank]].to(student.device)
-                with torch.no_grad():
-                    t_logits, th = teacher(ids, return_hidden=True)
-                s_logits, sh = model(ids, return_hidden=True)  # through DDP's forward when distributed
-                loss = kd_loss(t_logits, s_logits, cfg.temperature, th if use_cosine else None,
-                               sh if use_cosine else None, cfg.cosine_weight) / cfg.grad_accum
-                loss.backward()
-                total += loss.item()
-            if world > 1:  # log the global batch's loss, not this rank's share
-                t = torch.tensor(total)
-                dist.all_reduce(t)
-                total = t.item() / world
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+        task = bar.add_task("distill", total=cfg.steps, completed=run.step, info="")
+        while run.step < cfg.steps and (max_steps is None or done_here < max_steps):
+            entry = train_step(run)
             done_here += 1
-            entry = {"step": step, "loss": total, "lr": lr_at(cfg, step - 1),
-                     "tokens_per_s": cfg.tokens_per_step / (time.perf_counter() - t0)}
-            if heldout is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                from tessera.evaluate import mean_kld
-
-                student.eval()
-                entry["heldout_kld"] = mean_kld(teacher, student, heldout).kld
-                student.train()
-            log.append(entry)
-            bar.update(task, completed=step, info=f"loss {total:.4f}  {entry['tokens_per_s']:.0f} tok/s"
+            evaluate(run, entry)
+            run.log.append(entry)
+            bar.update(task, completed=run.step, info=f"loss {entry['loss']:.4f}  {entry['tokens_per_s']:.0f} tok/s"
                        + (f"  kld {entry['heldout_kld']:.4f}" if "heldout_kld" in entry else ""))
-            if ckpt is not None and rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps):
-                save_checkpoint(ckpt, student, optimizer, step, cfg, log)
-    student.eval()
-    student.provenance = [*getattr(student, "provenance", []),
-                          {"stage": "distill", "config": asdict(cfg), "steps": step, "world_size": world,
-                           "final_loss": log[-1]["loss"] if log else None}]
-    return student, log
+            save_checkpoint(run)
+    return finish(run), run.log
+
+
+def _correction_record(cfg: DistillConfig) -> dict:
+    return {"stage": "teacher_correction", "steps": cfg.teacher_correction_steps, "lr": cfg.teacher_correction_lr}
 
 
 def correct_teacher(teacher: Transformer, train: torch.Tensor, *, steps: int, lr: float = 1e-5, batch: int = 8,
-                    seed: int = 0, inplace: bool = False) -> Transformer:
+                    seed: int = 0, inplace: bool = False, compute_dtype: str | None = None) -> Transformer:
     """Teacher correction (Minitron): briefly fine-tune the teacher with next-token loss on the distillation data,
     so it matches the data the student is distilled on. Returns a new model unless `inplace` (the CLI's choice:
     it holds the only copy, and a second copy of a large teacher may not fit)."""
@@ -221,10 +400,12 @@ def correct_teacher(teacher: Transformer, train: torch.Tensor, *, steps: int, lr
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(teacher.parameters(), lr=lr)
     teacher.train()
+    dtype = compute_dtype or default_dtype(teacher.device)
     for _ in range(steps):
         ids = train[torch.randint(len(train), (batch,), generator=g)].to(teacher.device)
-        logits = teacher(ids)[:, :-1]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        with autocast(teacher.device, dtype):
+            logits = teacher(ids)[:, :-1]
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -3,7 +3,8 @@
 Per layer, hooks record:
 * attention heads: the norm of each head's output (the o_proj input slice of that head);
 * MLP neurons: |activation| of each intermediate neuron (the down_proj input);
-* embedding channels: |value| of each channel at every layernorm output, summed over layers;
+* embedding channels: |value| of each channel at every layernorm output, summed over the layernorms of each sample
+  (so the scores do not depend on the batch size);
 * layers: Block Importance BI = 1 - cos(block input, block output), averaged over tokens.
 Each score is reduced over the sequence, then over the batch; the default (Minitron's best) is the L2 norm
 over the batch of the mean over the sequence. `drop_layer_scores` adds the LM-loss increase and the KL to the
@@ -11,6 +12,9 @@ full model when one layer is skipped, and `drop_head_scores` the KL when one att
 (one forward pass per head: slower, but it measures what pruning does; on SmolLM2 the output norm ranks the
 most damaging heads of layers 0-1 last in their groups, see docs/results.md). Scores are plain tensors, saved
 with safetensors, so one pass serves many pruning targets.
+
+Scores are tied to the model they were computed on (`meta["fingerprint"]`, `tessera.fingerprint`) and record the
+data split they came from (`meta["data"]`); `Importance.check(model)` refuses to apply them to any other model.
 """
 
 from __future__ import annotations
@@ -25,9 +29,14 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from tessera.checkpoint import fingerprint
+from tessera.data import DataSplit
 from tessera.errors import TesseraError
 from tessera.io import atomic_path
-from tessera.model import Attention, SwiGLU, Transformer
+from tessera.model import Attention, LinearAttention, LinearMLP, SwiGLU, Transformer
+
+DROP_SAMPLES = 4  # calibration chunks the drop-one-layer / drop-one-head scores use (one forward per layer or head)
+HEAD_METRICS = ("norm", "drop_kl")
 
 REDUCERS = {
     "mean": lambda x, dim: x.mean(dim),
@@ -57,9 +66,21 @@ class Importance:
             return self.head_drop_kl
         raise TesseraError(f"--head-metric {metric!r}: use norm or drop_kl")
 
-    def kv_groups(self, layer: int, n_kv: int) -> torch.Tensor:
-        """A KV group's importance is the sum of its query heads' scores."""
-        return self.heads[layer].view(n_kv, -1).sum(-1)
+    def kv_groups(self, layer: int, n_kv: int, metric: str = "norm") -> torch.Tensor:
+        """A KV group's importance: the sum of its query heads' scores (`metric` as in `head_scores`). Used to
+        choose which KV groups merge and to weight the merge (`tessera.prune.merge_kv_heads`)."""
+        return self.head_scores(metric)[layer].view(n_kv, -1).sum(-1)
+
+    def check(self, model: Transformer, fp: str | None = None) -> None:
+        """Refuse, with one line, to apply these scores to a model other than the one they were computed on."""
+        mine = self.meta.get("fingerprint")
+        if mine is None:
+            raise TesseraError("importance scores carry no model fingerprint (made by an older tessera); recompute "
+                               "them with `tessera importance`")
+        theirs = fp or fingerprint(model)
+        if mine != theirs:
+            raise TesseraError(f"importance scores were computed on model {mine}, not on this model ({theirs}); "
+                               "recompute them on this model with `tessera importance`")
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -92,16 +113,26 @@ class Importance:
         return imp
 
 
+def _chunks(data: torch.Tensor | DataSplit) -> tuple[torch.Tensor, dict | None]:
+    return (data.chunks, data.record()) if isinstance(data, DataSplit) else (data, None)
+
+
 @torch.inference_mode()
-def activation_importance(model: Transformer, chunks: torch.Tensor, *, batch_size: int = 8, seq_agg: str = "mean",
-                          batch_agg: str = "l2", with_drop_loss: bool = False,
-                          with_head_drop: bool = False) -> Importance:
-    """Minitron importance of heads, neurons, embedding channels and layers from `chunks` (N, L) of token ids."""
+def activation_importance(model: Transformer, data: torch.Tensor | DataSplit, *, batch_size: int = 8,
+                          seq_agg: str = "mean", batch_agg: str = "l2", with_drop_loss: bool = False,
+                          with_head_drop: bool = False, drop_samples: int = DROP_SAMPLES) -> Importance:
+    """Minitron importance of heads, neurons, embedding channels and layers from calibration token chunks (N, L)
+    (a `DataSplit`, whose record is kept in `meta["data"]`, or a tensor). The drop-one-layer and drop-one-head
+    scores use the first `drop_samples` chunks (one forward pass over them per layer or head)."""
+    chunks, record = _chunks(data)
     if seq_agg not in REDUCERS or batch_agg not in REDUCERS:
         raise TesseraError(f"aggregation must be one of {', '.join(REDUCERS)}")
     if len(chunks) == 0:
         raise TesseraError("no calibration data: give a longer text or a smaller --seq-len")
+    if drop_samples < 1:
+        raise TesseraError(f"--drop-samples must be >= 1, got {drop_samples}")
     per_sample: dict[str, list[torch.Tensor]] = defaultdict(list)  # name -> list of (B, dim) sequence-reduced
+    norm_outputs: list[torch.Tensor] = []  # this batch's (B, hidden) per layernorm, summed per sample below
     bi_sum = torch.zeros(model.arch.num_layers, dtype=torch.float64)
     seq_reduce = REDUCERS[seq_agg]
     hooks = []
@@ -121,34 +152,39 @@ def activation_importance(model: Transformer, chunks: torch.Tensor, *, batch_siz
         for norm in (block.input_layernorm, block.post_attention_layernorm):
             if norm is not None:
                 hooks.append(norm.register_forward_hook(
-                    lambda _m, _a, out: per_sample["channels"].append(seq_reduce(out.float().abs(), 1))))
+                    lambda _m, _a, out: norm_outputs.append(seq_reduce(out.float().abs(), 1))))
     try:
         for start in range(0, len(chunks), batch_size):
             ids = chunks[start:start + batch_size].to(model.device)
             _, states = model.hidden(ids, output_hidden_states=True)
+            if norm_outputs:
+                per_sample["channels"].append(torch.stack(norm_outputs).sum(0))  # (B, hidden): one row per sample
+                norm_outputs.clear()
             for i in range(model.arch.num_layers):
                 cos = F.cosine_similarity(states[i].float(), states[i + 1].float(), dim=-1)  # (B, T)
-                bi_sum[i] += (1 - cos).double().sum()
+                bi_sum[i] += (1 - cos).double().sum().cpu()
     finally:
         for h in hooks:
             h.remove()
     batch_reduce = REDUCERS[batch_agg]
     imp = Importance(meta={"seq_agg": seq_agg, "batch_agg": batch_agg, "samples": len(chunks),
-                           "seq_len": chunks.shape[1], "method": "activation"})
-    n_norms = sum((b.input_layernorm is not None) + (b.post_attention_layernorm is not None) for b in model.model.layers)
+                           "seq_len": chunks.shape[1], "method": "activation", "fingerprint": fingerprint(model)})
+    if record is not None:
+        imp.meta["data"] = record
     for name, parts in per_sample.items():
-        stacked = torch.cat(parts)  # (N, dim) or, for channels, (N * n_norms, dim)
+        stacked = torch.cat(parts).cpu()  # (N, dim)
         if name == "channels":
-            stacked = stacked.view(-1, n_norms, stacked.shape[-1]).sum(1)
             imp.channels = batch_reduce(stacked, 0)
         else:
             kind, idx = name.split(".")
             getattr(imp, kind)[int(idx)] = batch_reduce(stacked, 0)
     imp.block_importance = (bi_sum / chunks.numel()).float()
+    if with_drop_loss or with_head_drop:
+        imp.meta["drop_samples"] = min(len(chunks), drop_samples)
     if with_drop_loss:
-        imp.drop_loss, imp.drop_kl = drop_layer_scores(model, chunks[: max(1, min(len(chunks), 4))], batch_size)
+        imp.drop_loss, imp.drop_kl = drop_layer_scores(model, chunks[:drop_samples], batch_size)
     if with_head_drop:
-        imp.head_drop_kl = drop_head_scores(model, chunks[: max(1, min(len(chunks), 4))], batch_size)
+        imp.head_drop_kl = drop_head_scores(model, chunks[:drop_samples], batch_size)
     return imp
 
 
@@ -235,30 +271,44 @@ def drop_head_scores(model: Transformer, chunks: torch.Tensor, batch_size: int =
 
 
 def magnitude_importance(model: Transformer) -> Importance:
-    """Baseline: weight norms instead of activations (no data needed)."""
-    imp = Importance(meta={"method": "magnitude"})
+    """Baseline: weight norms instead of activations (no data needed). Heads: the norm of each head's o_proj
+    columns; neurons: the product of their gate, up and down norms; channels: norm gains plus embedding column
+    norms; layers: the Frobenius norms of the block's output projections (o_proj / linear_attn plus down_proj /
+    linear_mlp), i.e. how much the block can write into the residual stream."""
+    imp = Importance(meta={"method": "magnitude", "fingerprint": fingerprint(model),
+                           "layer_score": "output projection norms"})
     channels = torch.zeros(model.arch.hidden_size)
+    layer_scores = []
     for i, block in enumerate(model.model.layers):
+        writes = 0.0
         if isinstance(block.self_attn, Attention):
             att = block.self_attn
-            o = att.o_proj.weight.detach().float().view(-1, att.n_heads, att.head_dim)  # (h, H, D)
+            o = att.o_proj.weight.detach().float().cpu().view(-1, att.n_heads, att.head_dim)  # (h, H, D)
             imp.heads[i] = o.norm(dim=(0, 2))
+            writes += float(att.o_proj.weight.detach().float().norm())
+        elif isinstance(block.self_attn, LinearAttention):
+            writes += float(block.self_attn.linear_attn.weight.detach().float().norm())
         if isinstance(block.mlp, SwiGLU):
             mlp = block.mlp
-            imp.neurons[i] = (mlp.gate_proj.weight.float().norm(dim=1) * mlp.up_proj.weight.float().norm(dim=1)
-                              * mlp.down_proj.weight.float().norm(dim=0))
+            imp.neurons[i] = (mlp.gate_proj.weight.detach().float().norm(dim=1)
+                              * mlp.up_proj.weight.detach().float().norm(dim=1)
+                              * mlp.down_proj.weight.detach().float().norm(dim=0)).cpu()
+            writes += float(mlp.down_proj.weight.detach().float().norm())
+        elif isinstance(block.mlp, LinearMLP):
+            writes += float(block.mlp.linear_mlp.weight.detach().float().norm())
+        layer_scores.append(writes)
         for norm in (block.input_layernorm, block.post_attention_layernorm):
             if norm is not None:
-                channels += norm.weight.detach().float().abs()
-    imp.channels = channels + model.model.embed_tokens.weight.detach().float().norm(dim=0)
-    imp.block_importance = torch.tensor([float(model.arch.block_params(i)) for i in range(model.arch.num_layers)])
+                channels += norm.weight.detach().float().abs().cpu()
+    imp.channels = channels + model.model.embed_tokens.weight.detach().float().norm(dim=0).cpu()
+    imp.block_importance = torch.tensor(layer_scores)
     return imp
 
 
 def random_importance(model: Transformer, seed: int = 0) -> Importance:
     """Baseline: random scores of the right shapes."""
     g = torch.Generator().manual_seed(seed)
-    imp = Importance(meta={"method": "random", "seed": seed})
+    imp = Importance(meta={"method": "random", "seed": seed, "fingerprint": fingerprint(model)})
     for i, block in enumerate(model.model.layers):
         if isinstance(block.self_attn, Attention):
             imp.heads[i] = torch.rand(block.self_attn.n_heads, generator=g)

@@ -1,24 +1,34 @@
 """Structured pruning: take a model and importance scores, return a new, smaller model (config and weights together).
 
-Axes, applied in this order: whole layers (depth), query heads (ranked within their KV group, the same count in
-every layer), KV heads (groups merged by mean-pooling their K/V projections, the GQA conversion), MLP neurons
-(per-layer widths allowed) and embedding channels (every matrix that reads or writes the residual stream, every
-norm, the embedding and the output head). Kept indices stay in their original order.
-`search_target` picks a width/depth split for a parameter budget by held-out KLD to the parent.
+`prune` runs named steps on a working copy of the parent's tensors, in this order:
+
+1. `drop_layers`   whole layers (depth), by a layer score or an explicit list;
+2. `prune_heads`   query heads, ranked within their KV group, the same count in every layer;
+3. `merge_kv`      KV heads: groups merged into fewer, chosen and weighted by KV-group importance (the GQA
+                   conversion; `merge_kv_heads` is the reusable core, also for Puzzle's KV-head variants);
+4. `prune_ffn`     MLP neurons (per-layer widths allowed);
+5. `prune_hidden`  embedding channels (every matrix that reads or writes the residual stream, every norm, the
+                   embedding and the output head).
+
+Kept indices stay in their original order. Scores are checked against the model's fingerprint first.
+`search_target` picks a width/depth split for a parameter budget by KLD to the parent on the *selection* split.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from tessera.arch import ArchSpec, AttentionSpec, BlockSpec, FFNSpec
 from tessera.checkpoint import from_state_dict
+from tessera.data import DataSplit
 from tessera.errors import TesseraError
-from tessera.importance import Importance
+from tessera.importance import HEAD_METRICS, Importance
 from tessera.model import Transformer
+
+MAX_CANDIDATES = 24  # width/depth splits `search_target` measures (more are listed as not tried)
 
 
 @dataclass(frozen=True)
@@ -30,7 +40,13 @@ class PruneTarget:
     drop_layers: tuple[int, ...] = ()  # explicit layer indices to drop
     layers: int | None = None  # or: keep this many layers, dropping the least important
     layer_metric: str = "bi"  # a key of LAYER_METRICS
-    head_metric: str = "norm"  # head ranking: "norm" (Minitron's output norm) or "drop_kl" (KL when zeroed)
+    head_metric: str = "norm"  # head and KV-group ranking: "norm" (Minitron's output norm) or "drop_kl"
+
+    def describe(self) -> dict:
+        """The set fields, JSON-ready (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()
+                if v not in (None, ()) and not (k == "layer_metric" and self.layers is None)
+                and not (k == "head_metric" and self.heads is None and self.kv_heads is None)}
 
 
 # layer ranking metric -> Importance field (low score = dropped first)
@@ -61,109 +77,158 @@ def layers_to_drop(model: Transformer, imp: Importance, target: PruneTarget) -> 
     return sorted(drop)
 
 
-def prune(model: Transformer, imp: Importance, target: PruneTarget) -> Transformer:
-    """A new pruned model; `model` is not modified."""
-    arch = model.arch
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    blocks = list(arch.blocks)
-    # --- depth
+# ---------------------------------------------------------------------------- KV-head merging
+def kv_merge_plan(n_kv: int, target: int, group_scores: torch.Tensor | None = None) -> list[list[int]]:
+    """Which of `n_kv` KV groups form each of `target` new ones.
+
+    Without scores: consecutive groups (new group j = old groups j*r .. j*r+r-1, r = n_kv / target). With scores:
+    the `target` most important groups anchor one new group each, and the others join them in rising importance,
+    one per anchor in falling importance, so the strongest groups are merged with the weakest. New groups are
+    ordered by their first old group, members by index.
+    """
+    if target < 1 or n_kv % target:
+        raise TesseraError(f"{target} KV heads do not divide the {n_kv} KV heads; tessera merges whole groups")
+    r = n_kv // target
+    if group_scores is None or r == 1:
+        return [list(range(j * r, (j + 1) * r)) for j in range(target)]
+    order = torch.argsort(group_scores.float(), descending=True, stable=True).tolist()
+    plan = [[a] for a in order[:target]]
+    rest = order[target:][::-1]  # weakest first
+    for k, g in enumerate(rest):
+        plan[k % target].append(g)
+    return sorted((sorted(p) for p in plan), key=lambda p: p[0])
+
+
+def merge_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, *, n_heads: int,
+                   head_dim: int, target: int, group_scores: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """New (q_proj, k_proj, v_proj, o_proj) weights with `target` KV heads.
+
+    The K and V of each new group are the average of its old groups' K and V, weighted by `group_scores` (the
+    KV-group importance; uniform without scores or when a group's scores are all zero), so a group that
+    contributes nothing does not disturb the one it joins. The query heads of merged groups are reordered to
+    sit together (q_proj rows and o_proj columns move together, which changes nothing by itself).
+    """
+    n_kv = k.shape[0] // head_dim
+    per_group = n_heads // n_kv
+    plan = kv_merge_plan(n_kv, target, group_scores)
+    kw, vw = k.view(n_kv, head_dim, -1), v.view(n_kv, head_dim, -1)
+    new_k, new_v, head_order = [], [], []
+    for members in plan:
+        w = torch.ones(len(members)) if group_scores is None else group_scores[members].float().cpu().clamp(min=0)
+        w = (w / w.sum() if w.sum() > 0 else torch.full_like(w, 1 / len(members))).to(k.device, k.dtype)
+        new_k.append(torch.einsum("g,gdh->dh", w, kw[members]))
+        new_v.append(torch.einsum("g,gdh->dh", w, vw[members]))
+        head_order += [g * per_group + h for g in members for h in range(per_group)]
+    rows = (torch.tensor(head_order)[:, None] * head_dim + torch.arange(head_dim)).flatten()
+    return q[rows], torch.cat(new_k), torch.cat(new_v), o[:, rows]
+
+
+# ---------------------------------------------------------------------------- the steps
+@dataclass
+class _Work:
+    """The child being built: tensors, per-layer specs, and where each kept layer came from in the parent."""
+
+    state: dict[str, torch.Tensor]
+    blocks: list[BlockSpec]
+    source_layer: list[int]  # child layer j is parent layer source_layer[j]
+    n_heads: int
+    head_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # child layer -> scores of its current heads
+    dropped: list[int] = field(default_factory=list)
+
+
+def drop_layers(work: _Work, model: Transformer, imp: Importance, target: PruneTarget) -> None:
     drop = layers_to_drop(model, imp, target)
-    keep_layers = [i for i in range(arch.num_layers) if i not in drop]
-    state = _renumber_layers(state, keep_layers)
-    blocks = [blocks[i] for i in keep_layers]
-    layer_imp = {new: old for new, old in enumerate(keep_layers)}
-    n_heads = arch.num_attention_heads
-    d = arch.head_dim
-    # --- query heads
-    if target.heads is not None and target.heads != n_heads:
-        if not 1 <= target.heads <= n_heads:
-            raise TesseraError(f"--heads {target.heads} must be between 1 and the parent's {n_heads}; "
-                               "a target that leaves no heads is not a model")
-        for j, b in enumerate(blocks):
-            if b.attention.kind != "gqa":
-                continue
-            kv = b.attention.num_kv_heads
-            if target.heads % kv:
-                raise TesseraError(f"--heads {target.heads} is not a multiple of layer {j}'s {kv} KV heads; "
-                                   f"choose a multiple of {kv}")
-            per_group, scores = target.heads // kv, imp.head_scores(target.head_metric)[layer_imp[j]].view(kv, -1)
-            keep = torch.cat([g * (n_heads // kv) + _top(scores[g], per_group) for g in range(kv)])
-            rows = (keep[:, None] * d + torch.arange(d)).flatten()
-            p = f"model.layers.{j}.self_attn."
-            state[p + "q_proj.weight"] = state[p + "q_proj.weight"][rows]
-            state[p + "o_proj.weight"] = state[p + "o_proj.weight"][:, rows]
-        n_heads = target.heads
-    # --- KV heads (merge groups: mean-pool K and V of consecutive groups)
-    if target.kv_heads is not None:
-        if not 1 <= target.kv_heads <= n_heads or n_heads % target.kv_heads:
-            raise TesseraError(f"--kv-heads {target.kv_heads} must divide the {n_heads} attention heads")
-        for j, b in enumerate(blocks):
-            if b.attention.kind != "gqa" or b.attention.num_kv_heads == target.kv_heads:
-                continue
-            kv = b.attention.num_kv_heads
-            if kv % target.kv_heads:
-                raise TesseraError(f"--kv-heads {target.kv_heads} does not divide layer {j}'s {kv} KV heads; "
-                                   "tessera merges whole groups")
-            for name in ("k_proj", "v_proj"):
-                key = f"model.layers.{j}.self_attn.{name}.weight"
-                w = state[key].view(target.kv_heads, kv // target.kv_heads, d, -1)
-                state[key] = w.mean(1).reshape(target.kv_heads * d, -1)
-            blocks[j] = BlockSpec(AttentionSpec("gqa", target.kv_heads), b.ffn)
-    # --- MLP neurons
-    if target.ffn is not None:
-        widths = [target.ffn] * len(blocks) if isinstance(target.ffn, int) else list(target.ffn)
-        if len(widths) != len(blocks):
-            raise TesseraError(f"--ffn gives {len(widths)} widths for {len(blocks)} layers; give one or one per layer")
-        for j, (b, w) in enumerate(zip(blocks, widths)):
-            if b.ffn.kind != "swiglu":
-                continue
-            if not 1 <= w <= b.ffn.intermediate_size:
-                raise TesseraError(f"--ffn {w} for layer {j} must be between 1 and its width {b.ffn.intermediate_size}; "
-                                   "pruning cannot grow a model")
-            keep = _top(imp.neurons[layer_imp[j]], w)
-            p = f"model.layers.{j}.mlp."
-            state[p + "gate_proj.weight"] = state[p + "gate_proj.weight"][keep]
-            state[p + "up_proj.weight"] = state[p + "up_proj.weight"][keep]
-            state[p + "down_proj.weight"] = state[p + "down_proj.weight"][:, keep]
-            blocks[j] = BlockSpec(b.attention, FFNSpec("swiglu", w))
-    # --- embedding channels
-    hidden = arch.hidden_size
-    if target.hidden is not None and target.hidden != hidden:
-        if not 1 <= target.hidden <= hidden:
-            raise TesseraError(f"--hidden {target.hidden} must be between 1 and the parent's {hidden}")
-        state = _slice_hidden(state, _top(imp.channels, target.hidden))
-        hidden = target.hidden
-    new_arch = replace(arch, hidden_size=hidden, num_attention_heads=n_heads, head_dim=d, blocks=tuple(blocks))
-    pruned = from_state_dict(new_arch, state, source="pruned model")
-    pruned.tokenizer = model.tokenizer
-    pruned.provenance = [*getattr(model, "provenance", []),
-                         {"stage": "prune", "target": _jsonable(asdict(target)), "dropped_layers": drop,
-                          "importance": imp.meta, "params": new_arch.num_params()}]
-    return pruned.eval()
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-def _renumber_layers(state: dict, keep: list[int]) -> dict:
-    out = {}
+    keep = [i for i in range(len(work.blocks)) if i not in drop]
     index = {old: new for new, old in enumerate(keep)}
-    for k, v in state.items():
+    state = {}
+    for k, v in work.state.items():
         if k.startswith("model.layers."):
             old = int(k.split(".")[2])
             if old in index:
-                out[k.replace(f"model.layers.{old}.", f"model.layers.{index[old]}.", 1)] = v
+                state[k.replace(f"model.layers.{old}.", f"model.layers.{index[old]}.", 1)] = v
         else:
-            out[k] = v
-    return out
+            state[k] = v
+    work.state, work.blocks, work.source_layer, work.dropped = state, [work.blocks[i] for i in keep], keep, drop
 
 
-def _slice_hidden(state: dict, idx: torch.Tensor) -> dict:
+def _head_scores(work: _Work, imp: Importance, metric: str) -> None:
+    scores = imp.head_scores(metric)
+    work.head_scores = {j: scores[src].float() for j, src in enumerate(work.source_layer)
+                        if work.blocks[j].attention.kind == "gqa"}
+
+
+def prune_heads(work: _Work, target_heads: int, head_dim: int) -> None:
+    n_heads = work.n_heads
+    if target_heads == n_heads:
+        return
+    if not 1 <= target_heads <= n_heads:
+        raise TesseraError(f"--heads {target_heads} must be between 1 and the parent's {n_heads}; "
+                           "a target that leaves no heads is not a model")
+    for j, b in enumerate(work.blocks):
+        if b.attention.kind != "gqa":
+            continue
+        kv = b.attention.num_kv_heads
+        if target_heads % kv:
+            raise TesseraError(f"--heads {target_heads} is not a multiple of layer {j}'s {kv} KV heads; "
+                               f"choose a multiple of {kv}")
+        per_group, scores = target_heads // kv, work.head_scores[j].view(kv, -1)
+        keep = torch.cat([g * (n_heads // kv) + _top(scores[g], per_group) for g in range(kv)])
+        rows = (keep[:, None] * head_dim + torch.arange(head_dim)).flatten()
+        p = f"model.layers.{j}.self_attn."
+        work.state[p + "q_proj.weight"] = work.state[p + "q_proj.weight"][rows]
+        work.state[p + "o_proj.weight"] = work.state[p + "o_proj.weight"][:, rows]
+        work.head_scores[j] = work.head_scores[j][keep]
+    work.n_heads = target_heads
+
+
+def merge_kv(work: _Work, target_kv: int, head_dim: int) -> None:
+    if not 1 <= target_kv <= work.n_heads or work.n_heads % target_kv:
+        raise TesseraError(f"--kv-heads {target_kv} must divide the {work.n_heads} attention heads")
+    for j, b in enumerate(work.blocks):
+        if b.attention.kind != "gqa" or b.attention.num_kv_heads == target_kv:
+            continue
+        kv = b.attention.num_kv_heads
+        if kv % target_kv:
+            raise TesseraError(f"--kv-heads {target_kv} does not divide layer {j}'s {kv} KV heads; "
+                               "tessera merges whole groups")
+        p = f"model.layers.{j}.self_attn."
+        names = [p + f"{n}_proj.weight" for n in "qkvo"]
+        group_scores = work.head_scores[j].view(kv, -1).sum(-1)
+        merged = merge_kv_heads(*(work.state[n] for n in names), n_heads=work.n_heads, head_dim=head_dim,
+                                target=target_kv, group_scores=group_scores)
+        work.state.update(zip(names, merged))
+        work.blocks[j] = BlockSpec(AttentionSpec("gqa", target_kv), b.ffn)
+
+
+def prune_ffn(work: _Work, imp: Importance, ffn: int | tuple[int, ...]) -> None:
+    widths = [ffn] * len(work.blocks) if isinstance(ffn, int) else list(ffn)
+    if len(widths) != len(work.blocks):
+        raise TesseraError(f"--ffn gives {len(widths)} widths for {len(work.blocks)} layers; give one or one per layer")
+    for j, (b, w) in enumerate(zip(work.blocks, widths)):
+        if b.ffn.kind != "swiglu":
+            continue
+        if not 1 <= w <= b.ffn.intermediate_size:
+            raise TesseraError(f"--ffn {w} for layer {j} must be between 1 and its width {b.ffn.intermediate_size}; "
+                               "pruning cannot grow a model")
+        keep = _top(imp.neurons[work.source_layer[j]], w)
+        p = f"model.layers.{j}.mlp."
+        work.state[p + "gate_proj.weight"] = work.state[p + "gate_proj.weight"][keep]
+        work.state[p + "up_proj.weight"] = work.state[p + "up_proj.weight"][keep]
+        work.state[p + "down_proj.weight"] = work.state[p + "down_proj.weight"][:, keep]
+        work.blocks[j] = BlockSpec(b.attention, FFNSpec("swiglu", w))
+
+
+def prune_hidden(work: _Work, imp: Importance, hidden: int, parent_hidden: int) -> int:
+    if hidden == parent_hidden:
+        return hidden
+    if not 1 <= hidden <= parent_hidden:
+        raise TesseraError(f"--hidden {hidden} must be between 1 and the parent's {parent_hidden}")
+    idx = _top(imp.channels, hidden)
     reads = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # (out, hidden): slice columns
     writes = ("o_proj", "down_proj")  # (hidden, in): slice rows
     out = {}
-    for k, v in state.items():
+    for k, v in work.state.items():
         name = k.rsplit(".", 2)[-2] if k.endswith(".weight") else ""
         if k in ("model.embed_tokens.weight", "lm_head.weight") or name in reads:
             out[k] = v[:, idx]
@@ -175,20 +240,72 @@ def _slice_hidden(state: dict, idx: torch.Tensor) -> dict:
             out[k] = v[idx]
         else:
             out[k] = v
-    return out
+    work.state = out
+    return hidden
+
+
+def prune(model: Transformer, imp: Importance, target: PruneTarget, *, check: bool = True) -> Transformer:
+    """A new pruned model; `model` is not modified. `check=False` skips the fingerprint check (for callers that
+    made it once, like `search_target`)."""
+    if check:
+        imp.check(model)
+    if target.head_metric not in HEAD_METRICS:
+        raise TesseraError(f"--head-metric {target.head_metric!r}: use {' or '.join(HEAD_METRICS)}")
+    arch = model.arch
+    work = _Work(state={k: v.detach().clone() for k, v in model.state_dict().items()}, blocks=list(arch.blocks),
+                 source_layer=list(range(arch.num_layers)), n_heads=arch.num_attention_heads)
+    drop_layers(work, model, imp, target)
+    if target.heads is not None or target.kv_heads is not None:
+        _head_scores(work, imp, target.head_metric)
+    if target.heads is not None:
+        prune_heads(work, target.heads, arch.head_dim)
+    if target.kv_heads is not None:
+        merge_kv(work, target.kv_heads, arch.head_dim)
+    if target.ffn is not None:
+        prune_ffn(work, imp, target.ffn)
+    hidden = arch.hidden_size
+    if target.hidden is not None:
+        hidden = prune_hidden(work, imp, target.hidden, arch.hidden_size)
+    new_arch = replace(arch, hidden_size=hidden, num_attention_heads=work.n_heads, blocks=tuple(work.blocks))
+    pruned = from_state_dict(new_arch, work.state, source="pruned model")
+    pruned.tokenizer = model.tokenizer
+    pruned.provenance = [*getattr(model, "provenance", []),
+                         {"stage": "prune", "target": target.describe(), "dropped_layers": work.dropped,
+                          "importance": imp.meta, "params": new_arch.num_params()}]
+    return pruned.eval()
 
 
 # ---------------------------------------------------------------------------- parameter-budget search
-def search_target(model: Transformer, imp: Importance, fraction: float, chunks: torch.Tensor, *,
-                  multiple: int = 32, max_candidates: int = 12) -> tuple[PruneTarget, list[dict]]:
-    """The width/depth split with the lowest held-out KLD to the parent among candidates at `fraction` of the
-    parent's non-embedding parameters (depth: layers dropped by BI; width: MLP and embedding channels)."""
+@dataclass(frozen=True)
+class TargetSearch:
+    """What `search_target` chose, every candidate it measured, and how many it left out."""
+
+    target: PruneTarget
+    candidates: list[dict]  # {"target", "params", "fraction", "kld"} per measured candidate
+    considered: int  # candidates that fit the budget
+    max_candidates: int
+    data: dict  # the selection data's record
+
+    def as_dict(self) -> dict:
+        return {"target": self.target.describe(), "candidates": self.candidates, "considered": self.considered,
+                "max_candidates": self.max_candidates, "data": self.data}
+
+
+def search_target(model: Transformer, imp: Importance, fraction: float, selection: DataSplit | torch.Tensor, *,
+                  multiple: int = 32, max_candidates: int = MAX_CANDIDATES) -> TargetSearch:
+    """The width/depth split with the lowest KLD to the parent on `selection` chunks (the selection split, never
+    the one results are reported on) among candidates at `fraction` of the parent's non-embedding parameters
+    (depth: layers dropped by BI; width: MLP and embedding channels). The first `max_candidates` are measured."""
     from tessera.evaluate import mean_kld, parent_logits_for
 
     arch = model.arch
     if not 0 < fraction < 1:
         raise TesseraError(f"--target-params {fraction} must be a fraction between 0 and 1 of the parent's "
                            "non-embedding parameters; a target larger than the parent is not a pruning")
+    if max_candidates < 1:
+        raise TesseraError(f"--max-candidates must be >= 1, got {max_candidates}")
+    chunks, record = (selection.chunks, selection.record()) if isinstance(selection, DataSplit) else (selection, {})
+    imp.check(model)
     budget = fraction * arch.non_embedding_params()
     candidates = []
     h = arch.hidden_size
@@ -200,15 +317,18 @@ def search_target(model: Transformer, imp: Importance, fraction: float, chunks: 
                 candidates.append(t)
     if not candidates:
         raise TesseraError(f"no width/depth split reaches {fraction:.0%} of the non-embedding parameters")
+    considered = len(candidates)
     candidates = candidates[:max_candidates]
     ref = parent_logits_for(model, chunks)
-    report = []
+    rows = []
     for t in candidates:
-        child = prune(model, imp, t)
+        child = prune(model, imp, t, check=False)
         r = mean_kld(model, child, chunks, parent_logits=ref)
-        report.append({"target": _jsonable(asdict(t)), "params": child.arch.non_embedding_params(), "kld": r.kld})
-    best = min(range(len(report)), key=lambda i: report[i]["kld"])
-    return candidates[best], report
+        params = child.arch.non_embedding_params()
+        rows.append({"target": t.describe(), "params": params, "fraction": params / arch.non_embedding_params(),
+                     "kld": r.kld})
+    best = min(range(len(rows)), key=lambda i: rows[i]["kld"])
+    return TargetSearch(candidates[best], rows, considered, max_candidates, record)
 
 
 def _round(x: float, m: int) -> int:
@@ -244,3 +364,4 @@ def clone(model: Transformer) -> Transformer:
         model.tokenizer = tok
     twin.tokenizer = tok
     return twin
+

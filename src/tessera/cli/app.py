@@ -84,6 +84,22 @@ STREAM_HELP = ("auto (stream a parent whose weights exceed a quarter of the free
                "time from the safetensors shards) | off (load whole)")
 
 
+DEVICE_HELP = "auto (cuda when visible, else cpu; under torchrun the GPU of LOCAL_RANK) | cpu | cuda | cuda:N"
+DTYPE_HELP = "fp32 | bf16 | fp16 (default: fp32 on cpu, bf16 on cuda)"
+
+
+def load_model(name: str, device: str = "auto", dtype: str | None = None, *, stream: str = "off",
+               with_tokenizer: bool = True):
+    """A model on `--device` in `--dtype` (the defaults of `tessera.devices`), loaded whole or streamed layer by
+    layer (`--stream`, `tessera.stream.load_model`), for the compute commands."""
+    from tessera.devices import default_dtype, resolve_device
+    from tessera.stream import load_model as stream_or_load
+
+    where = resolve_device(device)
+    return stream_or_load(name, stream=stream, device=where, dtype=dtype or default_dtype(where),
+                          with_tokenizer=with_tokenizer)
+
+
 def int_list(text: str, what: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]

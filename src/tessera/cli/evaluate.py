@@ -7,8 +7,10 @@ from pathlib import Path
 
 import typer
 
-from tessera.cli.app import STREAM_HELP, app, console, friendly
+from tessera.cli.app import DEVICE_HELP, DTYPE_HELP, STREAM_HELP, app, console, echo_json, friendly, load_model
 from tessera.io import atomic_write_text, refuse_overwrite
+
+SPLIT_HELP = "part of the text to score: reporting (default) | selection | calibration | all (the whole file)"
 
 
 @app.command("eval")
@@ -22,9 +24,10 @@ def eval_cmd(model: str = typer.Argument(..., help="'default', a model directory
              data_dir: Path = typer.Option(None, "--data-dir", envvar="TESSERA_BENCH_DIR", help="benchmark data root"),
              out: Path = typer.Option(None, "--out", help="write results JSON here (+ .md table with --baseline)"),
              no_cache: bool = typer.Option(False, "--no-cache", help="ignore and do not write the results cache"),
-             force: bool = typer.Option(False, "--force", help="overwrite --out")):
+             device: str = typer.Option("auto", help=DEVICE_HELP), dtype: str = typer.Option(None, help=DTYPE_HELP),
+             force: bool = typer.Option(False, "--force", help="overwrite --out"),
+             as_json: bool = typer.Option(False, "--json", help="print the results as JSON instead of tables")):
     """Accuracy on multiple-choice benchmarks (lm-eval-harness prompts), with standard errors."""
-    from tessera.checkpoint import load
     from tessera.evaluate import DEFAULT_TASKS, accuracy_preserved, evaluate_tasks, get_task, render_preserved_markdown
     from tessera.evaluate.table import rich_preserved_table, rich_results_table
 
@@ -35,56 +38,74 @@ def eval_cmd(model: str = typer.Argument(..., help="'default', a model directory
             refuse_overwrite(out.with_suffix(".md"), force)
     for name in names:
         get_task(name)
-    kwargs = dict(limit=limit, batch_size=batch_size, data_dir=data_dir, use_cache=not no_cache)
-    results = evaluate_tasks(load(model), names, **kwargs)
-    console.print(rich_results_table(results, title=f"{model}" + (f" (limit {limit})" if limit else "")))
+    kwargs = dict(limit=limit, batch_size=batch_size, data_dir=data_dir, use_cache=not no_cache, progress=not as_json)
+    results = evaluate_tasks(load_model(model, device, dtype), names, **kwargs)
+    if not as_json:
+        console.print(rich_results_table(results, title=f"{model}" + (f" (limit {limit})" if limit else "")))
     payload = {"model": model, "limit": limit, "results": results}
     if baseline:
-        parent = evaluate_tasks(load(baseline), names, **kwargs)
+        parent = evaluate_tasks(load_model(baseline, device, dtype), names, **kwargs)
         table = accuracy_preserved(results, parent)
-        console.print(rich_preserved_table(table, title=f"accuracy preserved: {model} vs {baseline}"))
+        if not as_json:
+            console.print(rich_preserved_table(table, title=f"accuracy preserved: {model} vs {baseline}"))
         payload |= {"baseline": baseline, "baseline_results": parent, "preserved": table}
         if out:
             atomic_write_text(out.with_suffix(".md"), render_preserved_markdown(table))
     if out:
         atomic_write_text(out, json.dumps(payload, indent=2, sort_keys=True))
-        console.print(f"wrote {out}")
+    if as_json:
+        echo_json(payload)
+    elif out:
+        console.print(f"wrote {out}", highlight=False)
 
 
 @app.command()
 @friendly
-def perplexity(model: str = typer.Argument(...), file: Path = typer.Argument(..., help="text or JSONL file"),
+def perplexity(model: str = typer.Argument(...),
+               file: Path = typer.Argument(None, help="text or JSONL file (default: the shared corpus)"),
+               split: str = typer.Option("reporting", help=SPLIT_HELP),
                max_len: int = typer.Option(None, "--max-len", help="window (default: min(max positions, 2048))"),
                stride: int = typer.Option(None, "--stride", help="window step (default: the window)"),
-               max_tokens: int = typer.Option(None, "--max-tokens", help="score only the first N tokens")):
+               max_tokens: int = typer.Option(None, "--max-tokens", help="score only the first N tokens"),
+               device: str = typer.Option("auto", help=DEVICE_HELP), dtype: str = typer.Option(None, help=DTYPE_HELP),
+               as_json: bool = typer.Option(False, "--json")):
     """Perplexity of a text with a sliding window; each token is scored once."""
-    from tessera.checkpoint import load
-    from tessera.data import read_text
-    from tessera.evaluate.perplexity import perplexity as ppl
+    from tessera.data import load_split
+    from tessera.evaluate.perplexity import perplexity_of_ids
 
-    m = load(model)
-    text = read_text(file)
-    if max_tokens:
-        ids = m.tokenizer(text[: max_tokens * 12], add_special_tokens=False)["input_ids"][:max_tokens]
-        text = m.tokenizer.decode(ids)
-    r = ppl(m, text, max_len, stride)
-    console.print(f"perplexity {r.perplexity:.3f} over {r.tokens:,} tokens (bits/byte {r.bits_per_byte:.4f})")
+    m = load_model(model, device, dtype)
+    data = load_split(m.tokenizer, split, file, seq_len=None, max_tokens=max_tokens)
+    r = perplexity_of_ids(m, data.chunks.flatten().tolist(), max_len, stride)
+    payload = r.as_dict() | {"model": model, "data": data.record()}
+    if as_json:
+        echo_json(payload)
+        return
+    console.print(f"perplexity {r.perplexity:.3f} over {r.tokens:,} tokens of the {split} split of {data.source} "
+                  f"(sha256 {payload['data']['sha256']})", highlight=False)
 
 
 @app.command()
 @friendly
 def kld(parent: str = typer.Argument(...), child: str = typer.Argument(...),
         file: Path = typer.Argument(None, help="text or JSONL file (default: the shared corpus)"),
+        split: str = typer.Option("reporting", help=SPLIT_HELP),
         seq_len: int = typer.Option(256, "--seq-len", min=2), max_tokens: int = typer.Option(32768, "--max-tokens"),
         batch_size: int = typer.Option(8, "--batch-size", min=1),
-        stream: str = typer.Option("auto", "--stream", help=STREAM_HELP)):
+        stream: str = typer.Option("auto", "--stream", help=STREAM_HELP),
+        device: str = typer.Option("auto", help=DEVICE_HELP), dtype: str = typer.Option(None, help=DTYPE_HELP),
+        as_json: bool = typer.Option(False, "--json")):
     """Mean per-token KL(parent || child) and top-1 agreement on a text (Puzzle's block-scoring metric)."""
-    from tessera.data import load_chunks
+    from tessera.data import load_split
     from tessera.evaluate import mean_kld
-    from tessera.stream import load_model
 
-    p, c = load_model(parent, stream=stream), load_model(child, stream=stream)
-    chunks = load_chunks(p.tokenizer, file, seq_len=seq_len, max_tokens=max_tokens, heldout_fraction=0.0)
-    r = mean_kld(p, c, chunks.train, batch_size)
+    p = load_model(parent, device, dtype, stream=stream)
+    c = load_model(child, device, dtype, stream=stream)
+    data = load_split(p.tokenizer, split, file, seq_len=seq_len, max_tokens=max_tokens)
+    r = mean_kld(p, c, data.chunks, batch_size)
+    payload = r.as_dict() | {"parent": parent, "child": child, "data": data.record()}
+    if as_json:
+        echo_json(payload)
+        return
     console.print(f"KL(parent || child) = {r.kld:.5f} nats/token, top-1 agreement {100 * r.top1:.2f}% "
-                  f"over {r.tokens:,} tokens")
+                  f"over {r.tokens:,} tokens of the {split} split of {data.source} (sha256 {payload['data']['sha256']})",
+                  highlight=False)

@@ -56,8 +56,15 @@ def perplexity(model: Transformer, text: str, max_len: int | None = None, stride
     from tessera.data import tokenize
 
     ids = tokenize(model.tokenizer, text).tolist()
+    return perplexity_of_ids(model, ids, max_len, stride, n_bytes=len(text.encode("utf-8")))
+
+
+def perplexity_of_ids(model: Transformer, ids: list[int], max_len: int | None = None, stride: int | None = None,
+                      n_bytes: int | None = None) -> PerplexityResult:
+    """Perplexity of token ids; bits per byte of `n_bytes` (default: the bytes of the decoded ids)."""
     if not ids:
         raise TesseraError("the text is empty; perplexity needs at least one token")
     nll = rolling_nll(model, ids, max_len, stride)
-    n_bytes = len(text.encode("utf-8"))
+    if n_bytes is None and model.tokenizer is not None:
+        n_bytes = len(model.tokenizer.decode(ids).encode("utf-8"))
     return PerplexityResult(math.exp(nll / len(ids)), nll, len(ids), nll / math.log(2) / n_bytes if n_bytes else None)

@@ -1,11 +1,14 @@
 """Run tasks on a model: score items, aggregate metrics, cache results by model content hash.
 
-Results are cached under `$TESSERA_HOME/eval-cache/<fingerprint>/` keyed by task, limit and the task's version,
-so the parent is evaluated once per machine however many children are compared with it.
+Results are cached under `$TESSERA_HOME/eval-cache/<fingerprint>/` keyed by task, limit, the task's version, the
+data directory and the scoring-code version (a hash of the code that turns a model and items into numbers:
+model, generation, scoring, metrics, task prompts and this module), so the parent is evaluated once per machine
+however many children are compared with it, and a change to how numbers are computed never serves stale ones.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -21,13 +24,26 @@ from tessera.io import atomic_write_json
 from tessera.model import Transformer
 
 PAIR_CHUNK = 64  # items whose pairs are batched together on the full-sequence path
+SCORING_MODULES = ("tessera.model", "tessera.generate", "tessera.evaluate.scoring", "tessera.evaluate.metrics",
+                   "tessera.evaluate.tasks", "tessera.evaluate.run")
+
+
+@functools.cache
+def scoring_version() -> str:
+    """A hash of the source of SCORING_MODULES: part of every cache key and recorded with every result."""
+    import importlib
+
+    h = hashlib.sha256()
+    for name in SCORING_MODULES:
+        h.update(Path(importlib.import_module(name).__file__).read_bytes())
+    return h.hexdigest()[:12]
 
 
 def cache_path(fingerprint: str, task: Task, limit: int | None, data_dir: Path) -> Path:
     from tessera.checkpoint import tessera_home
 
     where = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:8]  # different data, different entry
-    tag = f"{task.name}-limit{limit or 'all'}-v{task.version}-{where}"
+    tag = f"{task.name}-limit{limit or 'all'}-v{task.version}-{where}-code{scoring_version()}"
     return tessera_home() / "eval-cache" / fingerprint / f"{tag}.json"
 
 
@@ -118,7 +134,11 @@ def evaluate_tasks(model: Transformer, tasks: list[str], *, limit: int | None = 
                     outcomes = score_items(scorer, items, bar, task_id)
             seconds = time.perf_counter() - t0
             bar.update(task_id, rate=f"{len(items) / max(seconds, 1e-9):.1f} items/s")
-            metrics = aggregate(items, outcomes, task.metrics) | {"seconds": round(seconds, 2), "limit": limit}
+            metrics = aggregate(items, outcomes, task.metrics) | {"seconds": round(seconds, 2), "limit": limit,
+                                                                  "task_version": task.version,
+                                                                  "scoring_version": scoring_version()}
+            if fp:
+                metrics["model_fingerprint"] = fp
             results[task.name] = metrics
             if path is not None:
                 atomic_write_json(path, metrics)
