@@ -473,14 +473,12 @@ def variant_block(arch: ArchSpec, variant: Variant, state: dict[str, torch.Tenso
 
 
 def apply_precision(module: torch.nn.Module, precision: str) -> torch.nn.Module:
-    """Fake-quantise the weights of every Linear in `module` to `precision` (tessera.quantize's numerics)."""
+    """Quantize every Linear in `module` to `precision` with tessera.quantize (QuantLinears swapped in: `fp8` is
+    FP8-dynamic, `nvfp4` the NVFP4 weights), so a variant is scored with the numerics it is exported with."""
     if precision == "native":
         return module
-    try:
-        from tessera.quantize import fake_quantize_weights  # issue 16
-    except ImportError:
-        raise TesseraError(f"{precision} variants need tessera.quantize (FP8 / NVFP4 numerics), which this "
-                           "installation does not have yet; offer native precision only") from None
+    from tessera.quantize import fake_quantize_weights
+
     return fake_quantize_weights(module, precision)
 
 
