@@ -138,6 +138,101 @@ def test_lazy_logits_is_indexed_by_batch(saved):
     assert len(logits) == 3 and logits[2].shape == (1, 4, 96)
 
 
+# ---------------------------------------------------------------------------- stages on a streamed parent
+def assert_same_importance(a, b):
+    assert a.meta == b.meta
+    for kind in ("heads", "head_drop_kl", "neurons"):
+        x, y = getattr(a, kind), getattr(b, kind)
+        assert set(x) == set(y) and all(torch.equal(x[i], y[i]) for i in x), kind
+    for name in ("channels", "block_importance", "drop_loss", "drop_kl"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), name
+
+
+@pytest.mark.parametrize("source, dtype", [("fp32", None), ("bf16", None), ("bf16", torch.float32)])
+def test_importance_streamed_equals_in_memory(saved, source, dtype):
+    """Every activation score (heads, neurons, channels, BI, drop-one-layer loss/KL, drop-one-head KL) of a parent
+    streamed layer by layer, its activations spilled to disk, equals the scores of the parent loaded whole."""
+    from tessera.importance import activation_importance
+
+    chunks = torch.randint(0, 96, (7, 12), generator=torch.Generator().manual_seed(6))
+    loaded = tessera.load(saved / source, dtype=dtype)
+    want = activation_importance(loaded, chunks, batch_size=3, with_drop_loss=True, with_head_drop=True,
+                                 drop_samples=4)
+    streamed = open_streamed(saved / source, dtype=dtype)
+    got = activation_importance(streamed, chunks, batch_size=3, with_drop_loss=True, with_head_drop=True,
+                                drop_samples=4, budget=Budget(0))
+    assert_same_importance(got, want)
+    assert float(want.drop_kl.min()) > 0 and len(want.head_drop_kl) == 4 and want.channels.shape == (32,)
+    assert streamed.streamed.loads == 4  # one read of each layer for all the statistics and branches together
+    assert all(p.is_meta for p in streamed.model.layers.parameters())
+
+
+def test_drop_scores_equal_ablated_forwards(saved):
+    """The branch-based drop scores are what a whole forward of the ablated model gives."""
+    from tessera.importance import ablated, drop_head_scores, drop_layer_scores, lm_loss
+
+    model = tessera.load(saved / "fp32")
+    chunks = torch.randint(0, 96, (5, 10), generator=torch.Generator().manual_seed(7))
+    loss, kl = drop_layer_scores(model, chunks, batch_size=2)
+    heads = drop_head_scores(model, chunks, batch_size=2)
+    with torch.no_grad():
+        ref = [torch.log_softmax(model(chunks[s:s + 2])[:, :-1].float(), -1) for s in range(0, 5, 2)]
+        base, _ = lm_loss(model, chunks, 2)
+        for i in (0, 3):
+            with ablated(model, i):
+                got_loss, got_kl = lm_loss(model, chunks, 2, reference=ref)
+            assert loss[i].item() == pytest.approx(got_loss - base, rel=1e-4, abs=1e-6)
+            assert kl[i].item() == pytest.approx(got_kl, rel=1e-4, abs=1e-7)
+        with ablated(model, 2, 1):
+            assert heads[2][1].item() == pytest.approx(lm_loss(model, chunks, 2, reference=ref)[1], rel=1e-4, abs=1e-7)
+
+
+TARGETS = [dict(ffn=40, hidden=24), dict(heads=2, kv_heads=1, ffn=(48, 32, 40), layers=3, head_metric="drop_kl"),
+           dict(drop_layers=(0,), hidden=16)]
+
+
+@pytest.mark.parametrize("target", TARGETS, ids=["width", "heads-kv-depth", "depth-hidden"])
+@pytest.mark.parametrize("source", ["fp32", "bf16"])
+def test_prune_streamed_equals_in_memory(saved, tmp_path, source, target):
+    """A streamed parent pruned and written layer by layer, shard by shard, gives byte for byte the checkpoint of
+    the parent loaded whole, pruned in memory and saved."""
+    from tessera.importance import activation_importance
+    from tessera.prune import PruneTarget, prune, prune_to
+
+    chunks = torch.randint(0, 96, (6, 12), generator=torch.Generator().manual_seed(8))
+    loaded = tessera.load(saved / source)
+    imp = activation_importance(loaded, chunks, with_head_drop=True)
+    t = PruneTarget(**target)
+    tessera.save(prune(loaded, imp, t), tmp_path / "whole", max_shard_bytes=6_000)
+    streamed = open_streamed(saved / source)
+    plan = prune_to(streamed, imp, t, tmp_path / "parts", max_shard_bytes=6_000)
+    assert files_bytes(tmp_path / "parts") == files_bytes(tmp_path / "whole")
+    assert len(list((tmp_path / "parts").glob("*.safetensors"))) > 1
+    assert plan.arch == tessera.load(tmp_path / "parts").arch
+    assert all(p.is_meta for p in streamed.model.layers.parameters())  # no parent layer stayed behind
+    assert streamed.streamed.loads == 0  # layers read tensor by tensor (state), the model's layers never built
+
+
+def test_cli_importance_and_prune_stream_on_equal_off(saved, tmp_path):
+    from tessera.importance import Importance
+
+    data = tmp_path / "calib.txt"
+    data.write_text(" ".join(f"w{i % 90}" for i in range(4000)))
+    common = ["--data", data, "--samples", 4, "--seq-len", 16, "--drop-samples", 2]
+    for mode in ("on", "off"):
+        r = cli("importance", saved / "bf16", "--out", tmp_path / f"{mode}.safetensors", *common, "--stream", mode)
+        assert r.exit_code == 0, r.output
+    assert_same_importance(Importance.load(tmp_path / "on.safetensors"), Importance.load(tmp_path / "off.safetensors"))
+    for mode in ("on", "off"):
+        r = cli("prune", saved / "bf16", "--out", tmp_path / f"child-{mode}", "--scores", tmp_path / "on.safetensors",
+                "--ffn", 32, "--hidden", 24, "--stream", mode)
+        assert r.exit_code == 0, r.output
+    assert files_bytes(tmp_path / "child-on") == files_bytes(tmp_path / "child-off")
+    r = cli("prune", saved / "bf16", "--out", tmp_path / "x", "--target-params", 0.5, "--stream", "on", *common)
+    assert_one_line_error(r, "--target-params")
+
+
 # ---------------------------------------------------------------------------- broken checkpoints
 def test_truncated_shard_is_one_line(saved):
     shard = sorted((saved / "bf16").glob("model-*.safetensors"))[1]

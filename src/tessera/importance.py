@@ -117,13 +117,147 @@ def _chunks(data: torch.Tensor | DataSplit) -> tuple[torch.Tensor, dict | None]:
     return (data.chunks, data.record()) if isinstance(data, DataSplit) else (data, None)
 
 
+class _Statistics:
+    """The forward statistics of `activation_importance`, gathered by hooks while `run_layers` runs each layer over
+    every batch (`tessera.stream.Observer`): the same numbers for a model loaded whole and one streamed from disk."""
+
+    def __init__(self, model: Transformer, n_batches: int, seq_agg: str):
+        self.seq_reduce = REDUCERS[seq_agg]
+        self.per_sample: dict[str, list[torch.Tensor]] = defaultdict(list)  # name -> (B, dim) per batch
+        self.norms: list[list[torch.Tensor]] = [[] for _ in range(n_batches)]  # batch -> (B, hidden) per layernorm
+        self.bi_sum = torch.zeros(model.arch.num_layers, dtype=torch.float64)
+        self.batch = 0
+
+    # tessera.stream.Observer
+    def attach(self, i: int, block) -> list:
+        reduce, hooks = self.seq_reduce, []
+        if isinstance(block.self_attn, Attention):
+            att = block.self_attn
+
+            def head_hook(_m, args):
+                x = args[0].float()  # (B, T, H*D)
+                per_head = x.view(*x.shape[:2], att.n_heads, att.head_dim).norm(dim=-1)  # (B, T, H)
+                self.per_sample[f"heads.{i}"].append(reduce(per_head, 1))
+
+            hooks.append(att.o_proj.register_forward_pre_hook(head_hook))
+        if isinstance(block.mlp, SwiGLU):
+            hooks.append(block.mlp.down_proj.register_forward_pre_hook(
+                lambda _m, args: self.per_sample[f"neurons.{i}"].append(reduce(args[0].float().abs(), 1))))
+        for norm in (block.input_layernorm, block.post_attention_layernorm):
+            if norm is not None:
+                hooks.append(norm.register_forward_hook(
+                    lambda _m, _a, out: self.norms[self.batch].append(reduce(out.float().abs(), 1))))
+        return hooks
+
+    def before_batch(self, i: int, b: int) -> None:
+        self.batch = b
+
+    def after_batch(self, i: int, b: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        cos = F.cosine_similarity(x.float(), y.float(), dim=-1)  # (B, T)
+        self.bi_sum[i] += (1 - cos).double().sum().cpu()
+
+    def channels(self) -> list[torch.Tensor]:
+        """(B, hidden) per batch: each sample's layernorm outputs summed over every layernorm of the model."""
+        return [torch.stack(parts).sum(0) for parts in self.norms if parts]
+
+
+def _drop_branches(model: Transformer, layers: bool, heads: bool, rows: int) -> list:
+    """Branches of `run_layers` that skip one layer (`layer.i`) or zero one attention head (`head.i.h`)."""
+    from tessera.stream import Branch
+
+    out = []
+    if layers:
+        out += [Branch(f"layer.{i}", i, lambda _block, x, _cos, _sin: x, rows) for i in range(model.arch.num_layers)]
+    if heads:
+        for i, spec in enumerate(model.arch.blocks):
+            if spec.attention.kind == "gqa":
+                out += [Branch(f"head.{i}.{h}", i, _zero_head(model.arch.head_dim, h), rows)
+                        for h in range(model.arch.num_attention_heads)]
+    return out
+
+
+def _zero_head(head_dim: int, head: int):
+    cols = slice(head * head_dim, (head + 1) * head_dim)
+
+    def run(block, x, cos, sin):
+        def zero(_m, args):
+            z = args[0].clone()
+            z[..., cols] = 0
+            return (z,)
+
+        hook = block.self_attn.o_proj.register_forward_pre_hook(zero)
+        try:
+            return block(x, cos, sin, None, None, 0)
+        finally:
+            hook.remove()
+
+    return run
+
+
+def _branch_losses(forward, chunks: torch.Tensor, names: list[str], rows: int
+                   ) -> tuple[float, dict[str, tuple[float, float]]]:
+    """Mean next-token loss of the main stream on the first `rows` chunks, and (loss, KL to the main stream) of
+    each branch, batch by batch (logits of one batch exist at a time)."""
+    base, totals, count = 0.0, {n: [0.0, 0.0] for n in names}, 0
+    for b, s in enumerate(forward.batches):
+        r = min(s.stop, rows) - s.start
+        if r <= 0:
+            break
+        ids = chunks[s][:r].to(forward.model.device)
+        targets = ids[:, 1:].flatten()
+        ref = torch.log_softmax(forward.logits(b)[:r, :-1].float(), -1)
+        base += F.nll_loss(ref.flatten(0, 1), targets, reduction="sum").item()
+        for n in names:
+            logp = torch.log_softmax(forward.logits(b, n)[:, :-1].float(), -1)
+            totals[n][0] += F.nll_loss(logp.flatten(0, 1), targets, reduction="sum").item()
+            totals[n][1] += (ref.exp() * (ref - logp)).sum().item()
+        count += targets.numel()
+    return base / count, {n: (loss / count, kl / count) for n, (loss, kl) in totals.items()}
+
+
+def _forward_scores(model: Transformer, chunks: torch.Tensor, *, batch_size: int, stats: _Statistics | None,
+                    drop_layers: bool, drop_heads: bool, drop_samples: int, budget=None, progress=None):
+    """One layer-by-layer pass (`tessera.stream.run_layers`: each layer read once, streamed or not) that gathers
+    the forward statistics and the drop-one-layer / drop-one-head branches together."""
+    from tessera.stream import run_layers
+
+    rows = min(len(chunks), drop_samples)
+    branches = _drop_branches(model, drop_layers, drop_heads, rows)
+    forward = run_layers(model, chunks, batch_size=batch_size, observer=stats, branches=branches, budget=budget,
+                         progress=progress)
+    try:
+        if not branches:
+            return None, None, {}
+        base, scores = _branch_losses(forward, chunks, [br.name for br in branches], rows)
+    finally:
+        forward.close()
+    n = model.arch.num_layers
+    drop = None
+    if drop_layers:
+        drop = (torch.tensor([scores[f"layer.{i}"][0] - base for i in range(n)]),
+                torch.tensor([scores[f"layer.{i}"][1] for i in range(n)]))
+    heads = {}
+    if drop_heads:
+        for i, spec in enumerate(model.arch.blocks):
+            if spec.attention.kind == "gqa":
+                heads[i] = torch.tensor([scores[f"head.{i}.{h}"][1] for h in range(model.arch.num_attention_heads)])
+    return drop, heads, scores
+
+
 @torch.inference_mode()
 def activation_importance(model: Transformer, data: torch.Tensor | DataSplit, *, batch_size: int = 8,
                           seq_agg: str = "mean", batch_agg: str = "l2", with_drop_loss: bool = False,
-                          with_head_drop: bool = False, drop_samples: int = DROP_SAMPLES) -> Importance:
+                          with_head_drop: bool = False, drop_samples: int = DROP_SAMPLES, budget=None,
+                          progress=None) -> Importance:
     """Minitron importance of heads, neurons, embedding channels and layers from calibration token chunks (N, L)
     (a `DataSplit`, whose record is kept in `meta["data"]`, or a tensor). The drop-one-layer and drop-one-head
-    scores use the first `drop_samples` chunks (one forward pass over them per layer or head)."""
+    scores use the first `drop_samples` chunks.
+
+    Everything comes from one layer-by-layer pass (`tessera.stream.run_layers`): each layer is read once, every
+    batch goes through it with the statistics hooks attached, and each drop score is a branch that leaves the main
+    stream at its layer. A model streamed from its shards (`tessera.stream.open_streamed`) therefore needs memory
+    for one layer plus the activations (`budget`: in RAM or spilled), and gives the scores of the model loaded
+    whole, bit for bit."""
     chunks, record = _chunks(data)
     if seq_agg not in REDUCERS or batch_agg not in REDUCERS:
         raise TesseraError(f"aggregation must be one of {', '.join(REDUCERS)}")
@@ -131,60 +265,29 @@ def activation_importance(model: Transformer, data: torch.Tensor | DataSplit, *,
         raise TesseraError("no calibration data: give a longer text or a smaller --seq-len")
     if drop_samples < 1:
         raise TesseraError(f"--drop-samples must be >= 1, got {drop_samples}")
-    per_sample: dict[str, list[torch.Tensor]] = defaultdict(list)  # name -> list of (B, dim) sequence-reduced
-    norm_outputs: list[torch.Tensor] = []  # this batch's (B, hidden) per layernorm, summed per sample below
-    bi_sum = torch.zeros(model.arch.num_layers, dtype=torch.float64)
-    seq_reduce = REDUCERS[seq_agg]
-    hooks = []
-    for i, block in enumerate(model.model.layers):
-        if isinstance(block.self_attn, Attention):
-            att = block.self_attn
-
-            def head_hook(_m, args, i=i, att=att):
-                x = args[0].float()  # (B, T, H*D)
-                per_head = x.view(*x.shape[:2], att.n_heads, att.head_dim).norm(dim=-1)  # (B, T, H)
-                per_sample[f"heads.{i}"].append(seq_reduce(per_head, 1))
-
-            hooks.append(att.o_proj.register_forward_pre_hook(head_hook))
-        if isinstance(block.mlp, SwiGLU):
-            hooks.append(block.mlp.down_proj.register_forward_pre_hook(
-                lambda _m, args, i=i: per_sample[f"neurons.{i}"].append(seq_reduce(args[0].float().abs(), 1))))
-        for norm in (block.input_layernorm, block.post_attention_layernorm):
-            if norm is not None:
-                hooks.append(norm.register_forward_hook(
-                    lambda _m, _a, out: norm_outputs.append(seq_reduce(out.float().abs(), 1))))
-    try:
-        for start in range(0, len(chunks), batch_size):
-            ids = chunks[start:start + batch_size].to(model.device)
-            _, states = model.hidden(ids, output_hidden_states=True)
-            if norm_outputs:
-                per_sample["channels"].append(torch.stack(norm_outputs).sum(0))  # (B, hidden): one row per sample
-                norm_outputs.clear()
-            for i in range(model.arch.num_layers):
-                cos = F.cosine_similarity(states[i].float(), states[i + 1].float(), dim=-1)  # (B, T)
-                bi_sum[i] += (1 - cos).double().sum().cpu()
-    finally:
-        for h in hooks:
-            h.remove()
+    n_batches = (len(chunks) + batch_size - 1) // batch_size
+    stats = _Statistics(model, n_batches, seq_agg)
+    drop, head_kl, _ = _forward_scores(model, chunks, batch_size=batch_size, stats=stats, drop_layers=with_drop_loss,
+                                       drop_heads=with_head_drop, drop_samples=drop_samples, budget=budget,
+                                       progress=progress)
     batch_reduce = REDUCERS[batch_agg]
     imp = Importance(meta={"seq_agg": seq_agg, "batch_agg": batch_agg, "samples": len(chunks),
                            "seq_len": chunks.shape[1], "method": "activation", "fingerprint": fingerprint(model)})
     if record is not None:
         imp.meta["data"] = record
-    for name, parts in per_sample.items():
-        stacked = torch.cat(parts).cpu()  # (N, dim)
-        if name == "channels":
-            imp.channels = batch_reduce(stacked, 0)
-        else:
-            kind, idx = name.split(".")
-            getattr(imp, kind)[int(idx)] = batch_reduce(stacked, 0)
-    imp.block_importance = (bi_sum / chunks.numel()).float()
+    channels = stats.channels()
+    if channels:
+        imp.channels = batch_reduce(torch.cat(channels).cpu(), 0)
+    for name, parts in stats.per_sample.items():
+        kind, idx = name.split(".")
+        getattr(imp, kind)[int(idx)] = batch_reduce(torch.cat(parts).cpu(), 0)  # (N, dim) -> (dim,)
+    imp.block_importance = (stats.bi_sum / chunks.numel()).float()
     if with_drop_loss or with_head_drop:
         imp.meta["drop_samples"] = min(len(chunks), drop_samples)
     if with_drop_loss:
-        imp.drop_loss, imp.drop_kl = drop_layer_scores(model, chunks[:drop_samples], batch_size)
+        imp.drop_loss, imp.drop_kl = drop
     if with_head_drop:
-        imp.head_drop_kl = drop_head_scores(model, chunks[:drop_samples], batch_size)
+        imp.head_drop_kl = head_kl
     return imp
 
 
@@ -212,7 +315,8 @@ class _Identity(torch.nn.Module):
 
 @contextmanager
 def ablated(model: Transformer, layer: int, head: int | None = None):
-    """Within the block, `layer` is skipped (head None) or its attention head `head` contributes nothing."""
+    """Within the block, `layer` is skipped (head None) or its attention head `head` contributes nothing (what the
+    drop scores measure; a check for them and for branches of `tessera.stream.run_layers`)."""
     if head is None:
         layers = model.model.layers
         saved = layers[layer]
@@ -237,37 +341,22 @@ def ablated(model: Transformer, layer: int, head: int | None = None):
         hook.remove()
 
 
-def _reference_logprobs(model: Transformer, chunks: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [torch.log_softmax(model(chunks[s:s + batch_size].to(model.device))[:, :-1].float(), -1)
-            for s in range(0, len(chunks), batch_size)]
-
-
 @torch.inference_mode()
 def drop_layer_scores(model: Transformer, chunks: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per layer, the LM-loss increase and the KL to the full model when that layer alone is skipped
-    (higher = more important)."""
-    ref = _reference_logprobs(model, chunks, batch_size)
-    base, _ = lm_loss(model, chunks, batch_size)
-    scores = []
-    for i in range(model.arch.num_layers):
-        with ablated(model, i):
-            scores.append(lm_loss(model, chunks, batch_size, reference=ref))
-    return torch.tensor([loss - base for loss, _ in scores]), torch.tensor([kl for _, kl in scores])
+    (higher = more important). One layer-by-layer pass with a branch per layer."""
+    drop, _, _ = _forward_scores(model, chunks, batch_size=batch_size, stats=None, drop_layers=True,
+                                 drop_heads=False, drop_samples=len(chunks))
+    return drop
 
 
 @torch.inference_mode()
 def drop_head_scores(model: Transformer, chunks: torch.Tensor, batch_size: int = 8) -> dict[int, torch.Tensor]:
-    """Per attention layer, the KL to the full model when each query head's output alone is zeroed."""
-    ref = _reference_logprobs(model, chunks, batch_size)
-    out = {}
-    for i, block in enumerate(model.model.layers):
-        if isinstance(block.self_attn, Attention):
-            kls = []
-            for h in range(block.self_attn.n_heads):
-                with ablated(model, i, h):
-                    kls.append(lm_loss(model, chunks, batch_size, reference=ref)[1])
-            out[i] = torch.tensor(kls)
-    return out
+    """Per attention layer, the KL to the full model when each query head's output alone is zeroed. One
+    layer-by-layer pass with a branch per head."""
+    _, heads, _ = _forward_scores(model, chunks, batch_size=batch_size, stats=None, drop_layers=False,
+                                  drop_heads=True, drop_samples=len(chunks))
+    return heads
 
 
 def magnitude_importance(model: Transformer) -> Importance:

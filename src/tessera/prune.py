@@ -17,6 +17,8 @@ Kept indices stay in their original order. Scores are checked against the model'
 from __future__ import annotations
 
 import copy
+import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -176,8 +178,9 @@ def prune_heads(work: _Work, target_heads: int, head_dim: int) -> None:
         keep = torch.cat([g * (n_heads // kv) + _top(scores[g], per_group) for g in range(kv)])
         rows = (keep[:, None] * head_dim + torch.arange(head_dim)).flatten()
         p = f"model.layers.{j}.self_attn."
-        work.state[p + "q_proj.weight"] = work.state[p + "q_proj.weight"][rows]
-        work.state[p + "o_proj.weight"] = work.state[p + "o_proj.weight"][:, rows]
+        if p + "q_proj.weight" in work.state:  # the layer's tensors are in this piece of the work
+            work.state[p + "q_proj.weight"] = work.state[p + "q_proj.weight"][rows]
+            work.state[p + "o_proj.weight"] = work.state[p + "o_proj.weight"][:, rows]
         work.head_scores[j] = work.head_scores[j][keep]
     work.n_heads = target_heads
 
@@ -195,9 +198,10 @@ def merge_kv(work: _Work, target_kv: int, head_dim: int) -> None:
         p = f"model.layers.{j}.self_attn."
         names = [p + f"{n}_proj.weight" for n in "qkvo"]
         group_scores = work.head_scores[j].view(kv, -1).sum(-1)
-        merged = merge_kv_heads(*(work.state[n] for n in names), n_heads=work.n_heads, head_dim=head_dim,
-                                target=target_kv, group_scores=group_scores)
-        work.state.update(zip(names, merged))
+        if names[0] in work.state:
+            merged = merge_kv_heads(*(work.state[n] for n in names), n_heads=work.n_heads, head_dim=head_dim,
+                                    target=target_kv, group_scores=group_scores)
+            work.state.update(zip(names, merged))
         work.blocks[j] = BlockSpec(AttentionSpec("gqa", target_kv), b.ffn)
 
 
@@ -213,9 +217,10 @@ def prune_ffn(work: _Work, imp: Importance, ffn: int | tuple[int, ...]) -> None:
                                "pruning cannot grow a model")
         keep = _top(imp.neurons[work.source_layer[j]], w)
         p = f"model.layers.{j}.mlp."
-        work.state[p + "gate_proj.weight"] = work.state[p + "gate_proj.weight"][keep]
-        work.state[p + "up_proj.weight"] = work.state[p + "up_proj.weight"][keep]
-        work.state[p + "down_proj.weight"] = work.state[p + "down_proj.weight"][:, keep]
+        if p + "gate_proj.weight" in work.state:
+            work.state[p + "gate_proj.weight"] = work.state[p + "gate_proj.weight"][keep]
+            work.state[p + "up_proj.weight"] = work.state[p + "up_proj.weight"][keep]
+            work.state[p + "down_proj.weight"] = work.state[p + "down_proj.weight"][:, keep]
         work.blocks[j] = BlockSpec(b.attention, FFNSpec("swiglu", w))
 
 
@@ -244,16 +249,10 @@ def prune_hidden(work: _Work, imp: Importance, hidden: int, parent_hidden: int) 
     return hidden
 
 
-def prune(model: Transformer, imp: Importance, target: PruneTarget, *, check: bool = True) -> Transformer:
-    """A new pruned model; `model` is not modified. `check=False` skips the fingerprint check (for callers that
-    made it once, like `search_target`)."""
-    if check:
-        imp.check(model)
-    if target.head_metric not in HEAD_METRICS:
-        raise TesseraError(f"--head-metric {target.head_metric!r}: use {' or '.join(HEAD_METRICS)}")
+def _run_steps(work: _Work, model: Transformer, imp: Importance, target: PruneTarget) -> int:
+    """Every step on `work`, in order; returns the child's hidden size. The steps slice whichever tensors `work`
+    holds (the whole model, or one layer, or only the embedding / norm / head) and always update the specs."""
     arch = model.arch
-    work = _Work(state={k: v.detach().clone() for k, v in model.state_dict().items()}, blocks=list(arch.blocks),
-                 source_layer=list(range(arch.num_layers)), n_heads=arch.num_attention_heads)
     drop_layers(work, model, imp, target)
     if target.heads is not None or target.kv_heads is not None:
         _head_scores(work, imp, target.head_metric)
@@ -266,13 +265,99 @@ def prune(model: Transformer, imp: Importance, target: PruneTarget, *, check: bo
     hidden = arch.hidden_size
     if target.hidden is not None:
         hidden = prune_hidden(work, imp, target.hidden, arch.hidden_size)
-    new_arch = replace(arch, hidden_size=hidden, num_attention_heads=work.n_heads, blocks=tuple(work.blocks))
-    pruned = from_state_dict(new_arch, work.state, source="pruned model")
+    return hidden
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """The child's architecture, the layers dropped and where each child layer comes from in the parent."""
+
+    arch: ArchSpec
+    dropped: list[int]
+    source_layer: list[int]
+
+
+def _layer_tensors(model: Transformer, i: int) -> dict[str, torch.Tensor]:
+    """Parent layer `i`'s tensors, full names, copied (read from its shard when the model is streamed)."""
+    from tessera.stream import is_streamed
+
+    prefix = f"model.layers.{i}."
+    if is_streamed(model):
+        return {prefix + k: v.detach().clone() for k, v in model.streamed.state(i).items()}
+    block = model.model.layers[i]
+    return {prefix + k: v.detach().clone() for k, v in block.state_dict().items()}
+
+
+def pruned_tensors(model: Transformer, imp: Importance, target: PruneTarget, *, check: bool = True
+                   ) -> tuple[PrunePlan, Iterator[tuple[str, torch.Tensor]]]:
+    """The child's plan and its tensors, produced piece by piece in `tessera.save`'s order: the output head and
+    embedding, then one child layer at a time (its parent layer read, sliced by the same steps, let go), then the
+    final norm. `prune` collects them into a model; `prune_to` writes them shard by shard, so a streamed parent's
+    child is never whole in memory. Both run exactly the same steps on exactly the same tensors."""
+    if check:
+        imp.check(model)
+    if target.head_metric not in HEAD_METRICS:
+        raise TesseraError(f"--head-metric {target.head_metric!r}: use {' or '.join(HEAD_METRICS)}")
+    arch = model.arch
+
+    def work(state: dict[str, torch.Tensor]) -> _Work:
+        return _Work(state=state, blocks=list(arch.blocks), source_layer=list(range(arch.num_layers)),
+                     n_heads=arch.num_attention_heads)
+
+    resident = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
+    if arch.tie_word_embeddings:
+        resident.pop("lm_head.weight", None)
+    outer = work(resident)  # validates the whole target and gives the child's specs before any layer is read
+    hidden = _run_steps(outer, model, imp, target)
+    new_arch = replace(arch, hidden_size=hidden, num_attention_heads=outer.n_heads, blocks=tuple(outer.blocks))
+    plan = PrunePlan(new_arch, outer.dropped, outer.source_layer)
+
+    def pieces() -> Iterator[tuple[str, torch.Tensor]]:
+        from tessera.stream.writer import save_order
+
+        head = [n for n in save_order(outer.state) if n < "model.layers."]
+        yield from ((n, outer.state[n]) for n in head)
+        for src in plan.source_layer:
+            piece = work(_layer_tensors(model, src))
+            _run_steps(piece, model, imp, target)
+            yield from ((n, piece.state[n]) for n in save_order(piece.state))
+        yield from ((n, outer.state[n]) for n in save_order(outer.state) if n not in head)
+
+    return plan, pieces()
+
+
+def _record(model: Transformer, imp: Importance, target: PruneTarget, plan: PrunePlan) -> list:
+    return [*getattr(model, "provenance", []),
+            {"stage": "prune", "target": target.describe(), "dropped_layers": plan.dropped, "importance": imp.meta,
+             "params": plan.arch.num_params()}]
+
+
+def prune(model: Transformer, imp: Importance, target: PruneTarget, *, check: bool = True) -> Transformer:
+    """A new pruned model; `model` is not modified. `check=False` skips the fingerprint check (for callers that
+    made it once, like `search_target`)."""
+    plan, tensors = pruned_tensors(model, imp, target, check=check)
+    pruned = from_state_dict(plan.arch, dict(tensors), source="pruned model")
     pruned.tokenizer = model.tokenizer
-    pruned.provenance = [*getattr(model, "provenance", []),
-                         {"stage": "prune", "target": target.describe(), "dropped_layers": work.dropped,
-                          "importance": imp.meta, "params": new_arch.num_params()}]
+    pruned.provenance = _record(model, imp, target, plan)
     return pruned.eval()
+
+
+def prune_to(model: Transformer, imp: Importance, target: PruneTarget, out: str | os.PathLike, *, check: bool = True,
+             force: bool = False, max_shard_bytes: int | None = None, extra: dict | None = None) -> PrunePlan:
+    """Prune and write the child to `out` layer by layer and shard by shard (`tessera.stream.checkpoint_writer`):
+    memory holds the parent's resident tensors, one parent layer and one shard. The directory is what
+    `tessera.save(prune(...))` writes, byte for byte; `extra` adds fields to the provenance record."""
+    from tessera.checkpoint import MAX_SHARD_BYTES
+    from tessera.stream import checkpoint_writer
+
+    plan, tensors = pruned_tensors(model, imp, target, check=check)
+    history = _record(model, imp, target, plan)
+    history[-1].update(extra or {})
+    with checkpoint_writer(out, plan.arch, dtype=model.dtype, provenance=history, tokenizer=model.tokenizer,
+                           force=force, max_shard_bytes=max_shard_bytes or MAX_SHARD_BYTES) as writer:
+        for name, t in tensors:
+            writer.add(name, t)
+    return plan
 
 
 # ---------------------------------------------------------------------------- parameter-budget search

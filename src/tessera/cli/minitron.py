@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from tessera.cli.app import DEVICE_HELP, DTYPE_HELP, app, console, echo_json, friendly, int_list, load_model
+from tessera.cli.app import DEVICE_HELP, DTYPE_HELP, STREAM_HELP, app, console, echo_json, friendly, int_list, load_model
 from tessera.errors import TesseraError
 from tessera.io import refuse_overwrite
 
@@ -75,10 +75,11 @@ def importance(model: str = typer.Argument(...), out: Path = typer.Option(..., "
                head_drop_kl: bool = typer.Option(False, "--head-drop-kl",
                                                  help="also score each head by the KL when it is zeroed (slow)"),
                device: str = typer.Option("auto", help=DEVICE_HELP), dtype: str = typer.Option(None, help=DTYPE_HELP),
+               stream: str = typer.Option("auto", "--stream", help=STREAM_HELP),
                force: bool = typer.Option(False, "--force"), as_json: bool = typer.Option(False, "--json")):
     """Compute and save importance scores (heads, KV groups, neurons, channels, layers) for later pruning."""
     refuse_overwrite(out, force)
-    m = load_model(model, device, dtype)
+    m = load_model(model, device, dtype, stream=stream)
     imp = _compute_importance(m, data, seq_len, samples, method, head_drop=head_drop_kl, drop_samples=drop_samples)
     imp.save(out)
     if as_json:
@@ -130,16 +131,22 @@ def prune_cmd(model: str = typer.Argument(...), out: Path = typer.Option(..., "-
               drop_samples: int = typer.Option(4, "--drop-samples", min=1,
                                                help="chunks for the drop-one-layer/head scores (a forward each)"),
               device: str = typer.Option("auto", help=DEVICE_HELP), dtype: str = typer.Option(None, help=DTYPE_HELP),
+              stream: str = typer.Option("auto", "--stream", help=STREAM_HELP),
               force: bool = typer.Option(False, "--force"), as_json: bool = typer.Option(False, "--json")):
-    """Prune heads, KV heads, MLP neurons, embedding channels and/or layers; writes a loadable checkpoint."""
-    from tessera.checkpoint import save
+    """Prune heads, KV heads, MLP neurons, embedding channels and/or layers; writes a loadable checkpoint (layer by
+    layer, shard by shard: a streamed parent's child is never whole in memory)."""
     from tessera.importance import HEAD_METRICS, Importance
-    from tessera.prune import PruneTarget, prune, search_target
+    from tessera.prune import PruneTarget, prune_to, search_target
+    from tessera.stream import is_streamed
 
     refuse_overwrite(out, force, "output directory")
     if head_metric not in HEAD_METRICS:
         raise TesseraError(f"--head-metric {head_metric!r}: use {' or '.join(HEAD_METRICS)}")
-    m = load_model(model, device, dtype)
+    m = load_model(model, device, dtype, stream=stream)
+    if target_params is not None and is_streamed(m):
+        raise TesseraError("--target-params builds and scores many children in memory, which a streamed parent "
+                           "cannot afford; give the widths (--hidden / --ffn / --layers ...) or load it whole "
+                           "(--stream off)")
     needs_head_kl = (heads is not None or kv_heads is not None) and head_metric == "drop_kl"
     imp = (Importance.load(scores) if scores else
            _compute_importance(m, data, seq_len, samples, method, head_drop=needs_head_kl, drop_samples=drop_samples))
@@ -156,13 +163,12 @@ def prune_cmd(model: str = typer.Argument(...), out: Path = typer.Option(..., "-
         target = PruneTarget(hidden=hidden, ffn=_ffn_arg(ffn), heads=heads, kv_heads=kv_heads,
                              drop_layers=_layer_list(drop_layers) if drop_layers else (), layers=layers,
                              layer_metric=layer_metric, head_metric=head_metric)
-    child = prune(m, imp, target, check=False)
-    if search is not None:
-        child.provenance[-1]["search"] = search.as_dict()
-    save(child, out, force=force)
-    summary = {"out": str(out), "target": target.describe(), "params": child.arch.num_params(),
-               "parent_params": m.arch.num_params(), "non_embedding_params": child.arch.non_embedding_params(),
-               "non_embedding_fraction": child.arch.non_embedding_params() / m.arch.non_embedding_params(),
+    plan = prune_to(m, imp, target, out, check=False, force=force,
+                    extra={"search": search.as_dict()} if search is not None else None)
+    child = plan.arch
+    summary = {"out": str(out), "target": target.describe(), "params": child.num_params(),
+               "parent_params": m.arch.num_params(), "non_embedding_params": child.non_embedding_params(),
+               "non_embedding_fraction": child.non_embedding_params() / m.arch.non_embedding_params(),
                "importance": imp.meta, "search": search.as_dict() if search else None}
     if as_json:
         echo_json(summary)
@@ -175,7 +181,7 @@ def prune_cmd(model: str = typer.Argument(...), out: Path = typer.Option(..., "-
         console.print(f"measured {len(search.candidates)} of {search.considered} candidates at {target_params:.0%} "
                       f"(--max-candidates {search.max_candidates}" + (f"; {left} not tried" if left else "")
                       + f"; widths in multiples of {multiple}, --multiple)", highlight=False)
-    console.print(f"pruned {m.arch.num_params():,} -> {child.arch.num_params():,} parameters "
+    console.print(f"pruned {m.arch.num_params():,} -> {child.num_params():,} parameters "
                   f"({summary['non_embedding_fraction']:.1%} of non-embedding); wrote {out}", highlight=False)
 
 

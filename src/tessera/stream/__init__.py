@@ -9,7 +9,7 @@
                 (drop / replace one block) ride along.
 * `writer`      `checkpoint_writer`: a child written shard by shard.
 
-Stages call it: `tessera.importance` (statistics and drop scores), `tessera.stream.prune` (Minitron pruning of a
+Stages call it: `tessera.importance` (statistics and drop scores), `tessera.prune.prune_to` (Minitron pruning of a
 streamed parent, written streaming), `tessera.evaluate.kld` (parent logits by streaming). Peak memory is one layer
 + the calibration activations + the embedding and head, whatever the number of layers.
 """
