@@ -77,3 +77,31 @@ def plot_architecture(arch: ArchSpec, out: Path, *, parent: ArchSpec | None = No
     bottom.set_xlabel("layer  (x = no-op, L = linear)")
     top.set_title(title or f"{arch.num_layers} layers, {arch.num_params() / 1e6:.1f} M parameters")
     return _save(fig, out)
+
+
+def plot_score_heatmap(rows: list[list[float | None]], columns: list[str], out: Path, *,
+                       title: str = "replace-1-block KL (nats)", log: bool = True) -> Path:
+    """Layers (rows) x variants (columns) heat map of scores, e.g. Puzzle's replace-1-block KL; blank where a layer
+    does not offer a variant. `log` colours by log10 (scores span orders of magnitude; exact zeros get the floor)."""
+    import numpy as np
+
+    data = np.array([[np.nan if x is None else float(x) for x in row] for row in rows], dtype=float).reshape(
+        len(rows), len(columns))
+    shown = data.copy()
+    label = "KL"
+    if log:
+        positive = data[np.isfinite(data) & (data > 0)]
+        floor = positive.min() / 10 if positive.size else 1e-6
+        shown = np.log10(np.where(np.isfinite(data), np.maximum(data, floor), np.nan))
+        label = "log10 KL"
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(columns) + 2), max(3, 0.25 * len(rows) + 1.5)))
+    im = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", cmap="viridis_r", interpolation="nearest")
+    ax.set_xticks(range(len(columns)))
+    ax.set_xticklabels(columns, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([str(i) for i in range(len(rows))], fontsize=7)
+    ax.set_xlabel("variant")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=label)
+    return _save(fig, out)

@@ -123,9 +123,11 @@ class LazyLogits(Sequence):
 @torch.no_grad()
 def run_layers(model: Transformer, chunks: torch.Tensor, *, batch_size: int = 8, observer: Observer | None = None,
                branches: Sequence[Branch] = (), budget: Budget | None = None,
-               progress: Callable[[int, int], None] | None = None) -> Forward:
+               progress: Callable[[int, int], None] | None = None, until: int | None = None) -> Forward:
     """Run token `chunks` (N, T) through every layer of `model`, one layer at a time (see the module doc).
 
+    `until` stops after layers 0 .. until-1 (a stage that needs only the first layers' inputs, e.g. BLD of a
+    subset of layers); the returned states are then layer `until`'s inputs, not final hidden states.
     The caller closes the returned `Forward` (or lets it be collected) to free its activations."""
     budget = budget or Budget()
     observer = observer or Observer()
@@ -150,7 +152,8 @@ def run_layers(model: Transformer, chunks: torch.Tensor, *, batch_size: int = 8,
         starting.setdefault(br.layer, []).append(br)
     running: dict[str, tuple[Branch, Activations]] = {}
     out = Forward(model, slices, main)
-    for i in range(model.arch.num_layers):
+    last = model.arch.num_layers if until is None else max(0, min(until, model.arch.num_layers))
+    for i in range(last):
         with layer(model, i) as block:
             for _br, acts in running.values():  # branches that left earlier: the parent's layer i carries them on
                 for b in range(len(acts)):
@@ -175,6 +178,6 @@ def run_layers(model: Transformer, chunks: torch.Tensor, *, batch_size: int = 8,
                     h.remove()
         out.layers_read += 1
         if progress is not None:
-            progress(i + 1, model.arch.num_layers)
+            progress(i + 1, last)
     out.branches = {name: acts for name, (_, acts) in running.items()}
     return out
