@@ -293,14 +293,16 @@ def test_llamacpp_exclusion_removes_no_op_ffn_beside_attention():
     scores = {(i, v.key): (0.0 if v in (ATT[1], FFN[0]) else 0.5 if v.part == "attention" else 0.01)
               for i in range(4) for v in [*ATT, *FFN]}
     scores.update({(i, FFN[5].key): 0.001 for i in range(4)})
-    cons = [Constraint("speedup", 1.3, phase="decode")]
+    # halfway to the most any child reaches (every layer empty): the engine's per-step overhead bounds a toy model
+    bound = 1 + 0.5 * (table.parent.decode_s[0] / table.fixed.decode_s[0] - 1)
+    cons = [Constraint("speedup", bound, phase="decode")]
     (free,) = solve(scores, table, cons)
     assert any(not f.has_weights and a.has_weights for a, f in free.layers)
     (served,) = solve(scores, table, cons, engine="llamacpp")
     assert not any(not f.has_weights and a.has_weights for a, f in served.layers)
     assert not any(f.spec.kind == "linear" for _, f in served.layers)
     assert served.objective >= free.objective
-    assert served.constraints[0][1] >= 1.3
+    assert served.constraints[0][1] >= bound
 
 
 def test_solution_gives_blocks_arch_and_totals():

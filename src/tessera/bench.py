@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tessera.cost import Scenario
 from tessera.model import Transformer
+from tessera.serving import Scenario
 
 
 @dataclass(frozen=True)

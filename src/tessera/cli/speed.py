@@ -56,28 +56,80 @@ def bench(model: str = typer.Argument(..., help="'default', a model directory or
 def cost(model: str = typer.Argument(..., help="model directory (config.json alone is enough), 'default' or .gguf"),
          gpu: str = typer.Option("h100", "--gpu", help="h100 | h200 | a100 | b200 | l40s | cpu"),
          dtype: str = typer.Option("bf16", help="fp32 | bf16 | fp8 | nvfp4 (weights and compute)"),
+         kv_dtype: str = typer.Option(None, "--kv-dtype",
+                                      help="KV-cache dtype: bf16 | fp8 (default: fp8 for fp8/nvfp4 weights, else bf16)"),
          scenario: str = typer.Option("128/1024", help="IN/OUT token lengths"),
-         tp: int = typer.Option(1, "--tp", min=1, help="tensor-parallel GPUs"),
+         tp: int = typer.Option(1, "--tp", help="tensor-parallel GPUs (must divide the heads and FFN widths)"),
          batch: str = typer.Option("auto", help="batch size, or auto (best throughput that fits)"),
+         batch_cap: int = typer.Option(4096, "--batch-cap", help="largest batch the auto search tries"),
+         explain: bool = typer.Option(False, "--explain", help="where the time goes, per phase"),
+         recalibrate: bool = typer.Option(False, "--recalibrate",
+                                          help="measure this machine's cpu profile again (with --gpu cpu)"),
          as_json: bool = typer.Option(False, "--json")):
-    """Predicted throughput from the roofline cost model (no weights needed)."""
+    """Predicted throughput from the cost model (no weights needed): roofline + tensor-parallel communication +
+    the GPU's serving-engine profile."""
     from tessera.cost import Scenario, predict
+    from tessera.engine import engine_profile
     from tessera.hardware import get_hardware
 
-    arch = load_arch(model)
-    hw = get_hardware(gpu)
-    if batch != "auto" and not batch.isdigit():
+    if batch != "auto" and not (batch.isdigit() and int(batch) >= 1):
         raise TesseraError(f"--batch must be a positive integer or 'auto', got {batch!r}")
-    p = predict(arch, hw, Scenario.parse(scenario), dtype=dtype, batch=batch, tp=tp)
+    if batch_cap < 1:
+        raise TesseraError(f"--batch-cap must be >= 1, got {batch_cap}")
+    arch = load_arch(model)
+    hw = get_hardware(gpu, recalibrate=recalibrate)
+    p = predict(arch, hw, Scenario.parse(scenario), dtype=dtype, batch=batch, tp=tp, kv_dtype=kv_dtype,
+                batch_cap=batch_cap)
+    eng = engine_profile(hw)
     if as_json:
-        typer.echo(json.dumps(p.as_dict(), indent=2))
+        out = p.as_dict()
+        out.update(batch_cap=batch_cap, engine_source=eng.source)
+        if hw.name == "cpu":
+            out.update(measured_at=hw.measured_at, measured_on=hw.measured_on)
+        typer.echo(json.dumps(out, indent=2))
         return
-    console.print(f"[bold]{model}[/] on {tp} x {hw.name}, {dtype}, scenario {scenario}: batch {p.batch}")
-    console.print(f"  memory per GPU: weights {p.weight_bytes / tp / 1e9:.2f} GB + KV cache {p.kv_bytes / tp / 1e9:.2f} GB "
-                  f"(usable {p.memory_bytes / 1e9:.1f} GB)")  # tensor parallelism splits both across tp GPUs
+    console.print(f"[bold]{model}[/] on {tp} x {hw.name}, {dtype} weights, {p.kv_dtype} KV cache, scenario {scenario}: "
+                  f"batch {p.batch}")
+    if hw.name == "cpu":
+        console.print(f"  cpu profile measured {hw.measured_at or 'at an unrecorded time (run --recalibrate)'}"
+                      f"{' on ' + hw.measured_on if hw.measured_on else ''}")
+    lim = p.batch_limits
+    console.print(f"  batch limits: memory {lim['memory']:,}, engine {lim['engine']:,}, search cap {lim['cap']:,} "
+                  f"(--batch-cap); bound by {p.batch_bound}")
+    console.print(f"  memory per GPU: weights {p.weight_bytes_per_gpu / 1e9:.2f} GB + KV cache "
+                  f"{p.kv_bytes_per_gpu / 1e9:.2f} GB (usable {p.memory_bytes / 1e9:.1f} GB of "
+                  f"{hw.mem_bytes / 2**30:.0f} GiB)")
     console.print(f"  prefill {p.prefill_s:.3f} s, decode {p.decode_s:.3f} s per batch")
     console.print(f"  throughput per GPU: {p.output_tokens_per_s:,.0f} output tok/s "
                   f"(decode {p.decode_tokens_per_s:,.0f} tok/s, prefill {p.prefill_tokens_per_s:,.0f} tok/s)")
+    if explain:
+        console.print(explain_table(p, eng.name))
+
+
+def explain_table(p, engine: str) -> Table:
+    """Where the time of one batch goes, per phase: seconds and share per part, and the amounts behind them."""
+    from tessera.cost import PARTS
+
+    labels = {"weights": "weights read", "kv": "KV cache read", "flops": "FLOPs (compute-bound)",
+              "comm": "TP communication", "overhead": "overhead (kernels, steps)"}
+    amounts = {"weights": ("weight_bytes", "GB"), "kv": ("kv_bytes", "GB"), "flops": ("flop_count", "TFLOP"),
+               "comm": ("comm_bytes", "GB")}
+    table = Table(title=f"where the time goes (per GPU, one batch of {p.batch}; engine {engine})")
+    table.add_column("part")
+    for phase in ("prefill", "decode"):
+        table.add_column(f"{phase} s", justify="right")
+        table.add_column("share", justify="right")
+        table.add_column(f"{phase} amount", justify="right")
+    for part in PARTS:
+        row = [labels[part]]
+        for phase in ("prefill", "decode"):
+            d = p.parts[phase]
+            total = sum(d[k] for k in PARTS) or 1.0
+            key, unit = amounts.get(part, (None, ""))
+            scale = 1e12 if unit == "TFLOP" else 1e9
+            row += [f"{d[part]:.4f}", f"{d[part] / total:.0%}", f"{d[key] / scale:,.2f} {unit}" if key else ""]
+        table.add_row(*row)
+    return table
 
 
 plot_app = typer.Typer(help="Plots: efficient frontier, per-layer architecture.", no_args_is_help=True)

@@ -28,7 +28,9 @@ Two sources:
   pair costs the sum of its halves. A quantized variant's measured time is its native module's (this CPU has no
   FP8/FP4 kernels); its bytes follow its precision.
 
-Times are per batch on `tp` GPUs (divided by `tp`, as `predict` does); memory is per GPU.
+Times are the wall time of a batch on the `tp` tensor-parallel GPUs (each GPU does 1/tp of the work and the
+sub-blocks' all-reduces are on the critical path, as in `predict`); memory is per GPU. The KV dtype is the
+target's (`kv_dtype`; default fp8 for fp8 / nvfp4 weights, as FP8 serving recipes do).
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tessera.arch import ArchSpec, AttentionSpec, BlockSpec, FFNSpec
-from tessera.cost import DTYPE_BYTES, Scenario, block_cost, head_cost, weight_bytes
+from tessera.cost import DTYPE_BYTES, Scenario, block_cost, check_tp, head_cost, weight_bytes
 from tessera.errors import TesseraError
 from tessera.puzzle.library import Variant, block_of
 from tessera.puzzle.library import parent_variants as layer_variants
+from tessera.serving import KV_DTYPES, default_kv_dtype
 
 NO_OP_ATTENTION = Variant("attention", AttentionSpec("no_op"))
 NO_OP_FFN = Variant("ffn", FFNSpec("no_op"))
@@ -74,11 +77,11 @@ class Target:
             raise TesseraError(f"scenario listed twice in {', '.join(map(str, scen))}")
         object.__setattr__(self, "scenarios", scen)
         object.__setattr__(self, "hardware", self.hardware.lower())
-        for name, value in (("dtype", self.dtype), ("kv_dtype", self.kv_dtype)):
-            if value is not None and value not in DTYPE_BYTES:
-                raise TesseraError(f"unknown {name} {value!r}; choose from {', '.join(DTYPE_BYTES)}")
-        if self.kv_dtype is None:  # the cost model's default for these weights
-            object.__setattr__(self, "kv_dtype", "fp32" if self.dtype == "fp32" else "bf16")
+        for name, value, allowed in (("dtype", self.dtype, tuple(DTYPE_BYTES)), ("kv_dtype", self.kv_dtype, KV_DTYPES)):
+            if value is not None and value not in allowed:
+                raise TesseraError(f"unknown {name} {value!r}; choose from {', '.join(allowed)}")
+        if self.kv_dtype is None:  # the cost model's default for these weights (fp8 KV for fp8 / nvfp4 weights)
+            object.__setattr__(self, "kv_dtype", default_kv_dtype(self.dtype))
         if int(self.batch) < 1 or int(self.tp) < 1:
             raise TesseraError(f"batch and tp must be >= 1, got batch {self.batch}, tp {self.tp}")
 
@@ -290,32 +293,35 @@ def _pairs_of(variants: Sequence[Variant]) -> list[tuple[Variant, Variant]]:
 # ---------------------------------------------------------------------------- predicted (cost model)
 def predicted_costs(parent: ArchSpec, variants: Iterable[Variant], target: Target) -> CostTable:
     """Costs from the roofline cost model (`tessera.cost`) for `target`; no weights, no timing, milliseconds."""
+    from tessera.engine import engine_profile
     from tessera.hardware import get_hardware
 
     hw = get_hardware(target.hardware)
     allv = _all_variants(parent, variants)
     n = len(target.scenarios)
 
+    check_tp(parent, target.tp)
+
     def block(spec: BlockSpec, precision: str) -> Cost:
         dtype = target.precision_dtype(precision)
-        per = [block_cost(parent, spec, hw, s, batch=target.batch, dtype=dtype, kv_dtype=target.kv)
+        per = [block_cost(parent, spec, hw, s, batch=target.batch, dtype=dtype, kv_dtype=target.kv, tp=target.tp)
                for s in target.scenarios]
         c0 = per[0]
         return Cost(c0.params, c0.weight_bytes, c0.kv_bytes_per_token,
-                    tuple(c.prefill_s / target.tp for c in per), tuple(c.decode_s / target.tp for c in per))
+                    tuple(c.prefill_s for c in per), tuple(c.decode_s for c in per))
 
     sub = {v.key: block(_single(v), v.precision) for v in allv}
     pairs = {}
     for a, f in _pairs_of(allv):
         pairs[(a.key, f.key)] = (block(block_of(a, f), a.precision) if a.precision == f.precision
                                  else sub[a.key] + sub[f.key])
-    heads = [head_cost(parent, hw, s, target.batch, target.dtype) for s in target.scenarios]
+    heads = [head_cost(parent, hw, s, target.batch, target.dtype, tp=target.tp) for s in target.scenarios]
     parent_blocks = sum((block(b, "native") for b in parent.blocks), Cost.zero(n))
     fixed = Cost(parent.num_params() - parent_blocks.params,
                  weight_bytes(parent, target.dtype) - parent_blocks.weight_bytes, 0.0,
-                 tuple(h[0] / target.tp for h in heads), tuple(h[1] / target.tp for h in heads))
-    table = CostTable(parent, target, f"predicted: tessera.cost roofline, {hw.name}", allv, sub, pairs, fixed,
-                      Cost.zero(n))
+                 tuple(h[0] for h in heads), tuple(h[1] for h in heads))
+    source = f"predicted: tessera.cost, {hw.name}, engine {engine_profile(hw).name}"
+    table = CostTable(parent, target, source, allv, sub, pairs, fixed, Cost.zero(n))
     return replace(table, parent=table.total((a.key, f.key) for a, f in parent_variants(parent)))
 
 
