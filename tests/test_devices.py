@@ -78,6 +78,17 @@ def forwards(monkeypatch):
         return hidden(self, input_ids, *args, **kwargs)
 
     monkeypatch.setattr(Transformer, "hidden", spy)
+    import tessera.stream as stream
+
+    run_layers = stream.run_layers
+
+    def spy_layers(model, chunks, *args, **kwargs):  # the layer-by-layer executor (importance, streamed KLD)
+        w = model.model.embed_tokens.weight
+        out = run_layers(model, chunks, *args, **kwargs)
+        seen.append((w.device, w.dtype, out.main[0].device))
+        return out
+
+    monkeypatch.setattr(stream, "run_layers", spy_layers)
     return seen
 
 
