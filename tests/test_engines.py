@@ -26,3 +26,130 @@ def test_round_ffn_width_for_vllm():
     assert ffn_width_expressible(1024, 576) and not ffn_width_expressible(1100, 576)
     assert round_ffn_width(100, 576, "vllm") == 256
     assert round_ffn_width(1100, 576, "llamacpp") == 1100
+
+
+# ---------------------------------------------------------------------------- the DeciLM config shim
+_SHIM_CHECK = r"""
+import json, sys
+from transformers import AutoConfig
+d, again = sys.argv[1], sys.argv[2]
+c = AutoConfig.from_pretrained(d, trust_remote_code=True)
+assert type(c).__name__ == "DeciLMConfig" and "tessera" not in sys.modules, type(c)
+blocks = [{part: {k: getattr(getattr(b, part), k) for k in sorted(getattr(b, part))} for part in ("attention", "ffn")}
+          for b in c.block_configs]
+c.save_pretrained(again)
+c2 = AutoConfig.from_pretrained(again, trust_remote_code=True)
+print(json.dumps({"blocks": blocks, "intermediate_size": c.intermediate_size,
+                  "num_key_value_heads": c.num_key_value_heads, "again": c2.to_dict()["block_configs"]}))
+"""
+
+
+def test_config_shim_round_trips_through_autoconfig_with_remote_code(tmp_path):
+    """vLLM's path: transformers alone (no tessera import), trust_remote_code=True, attribute access to every
+    field of every block; saved again by transformers, tessera reads back the same architecture."""
+    import json
+    import subprocess
+    import sys
+
+    from helpers import random_model
+    from tessera.checkpoint import save
+    from tessera.formats import read_config, to_hf_config
+
+    arch = mixed_arch()
+    save(random_model(arch), tmp_path / "child")
+    cfg = json.loads((tmp_path / "child" / "config.json").read_text())
+    assert cfg["auto_map"] == {"AutoConfig": "configuration_decilm.DeciLMConfig"}
+    assert (tmp_path / "child" / "configuration_decilm.py").is_file()
+    done = subprocess.run([sys.executable, "-c", _SHIM_CHECK, tmp_path / "child", tmp_path / "again"],
+                          capture_output=True, text=True, check=True)
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["blocks"] == cfg["block_configs"]  # every field, read as an attribute
+    assert out["intermediate_size"] is None and out["num_key_value_heads"] is None
+    assert out["again"] == cfg["block_configs"]
+    assert read_config(tmp_path / "again") == read_config(tmp_path / "child") == arch
+    assert to_hf_config(arch)["block_configs"] == out["blocks"]
+
+
+def test_homogeneous_checkpoint_has_no_shim(tmp_path):
+    from helpers import random_model
+    from tessera.checkpoint import save
+
+    save(random_model(tiny_arch()), tmp_path / "m")
+    assert not (tmp_path / "m" / "configuration_decilm.py").exists()
+    assert "auto_map" not in (tmp_path / "m" / "config.json").read_text()
+
+
+def test_import_tessera_loads_shimmed_child_without_remote_code(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import tessera
+    from helpers import random_model
+
+    child = random_model(mixed_arch().replace_block(2, BlockSpec(AttentionSpec("no_op"), FFNSpec("swiglu", 48))))
+    tessera.save(child, tmp_path / "child")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "child")  # trust_remote_code unset: tessera's classes
+    assert type(hf).__module__ == "tessera.hf"
+    ids = torch.tensor([[1, 5, 9, 3]])
+    torch.testing.assert_close(hf(ids).logits, child(ids))
+
+
+# ---------------------------------------------------------------------------- inspect, save warnings, prune --engine
+def test_inspect_lists_incompatibilities_per_engine(tmp_path):
+    import json
+
+    from helpers import cli
+    from tessera.formats import config_json
+
+    (tmp_path / "config.json").write_text(config_json(mixed_arch()))
+    out = json.loads(cli("inspect", tmp_path, "--json").output)["engines"]
+    assert out["transformers"] == []
+    assert any(line.startswith("layer 2 attention") for line in out["vllm"])
+    assert out["llamacpp"] == [str(p).removeprefix("llamacpp: ") for p in incompatibilities(mixed_arch(), "llamacpp")]
+    text = cli("inspect", tmp_path).output
+    assert "layer 4 block: llama.cpp skips the rest of a layer" in text
+    assert "transformers: serves it as written" in text
+
+
+def test_convert_warns_for_each_engine_that_cannot_serve(tmp_path):
+    from typer.testing import CliRunner
+
+    import tessera
+    from helpers import random_model, tiny_tokenizer
+    from tessera.cli import app
+
+    child = random_model(mixed_arch())
+    child.tokenizer = tiny_tokenizer()
+    tessera.save(child, tmp_path / "c")
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "c"), str(tmp_path / "d")])
+    assert result.exit_code == 0
+    assert "warning:" in result.output and "vllm cannot serve this model as written: layer 0 ffn" in result.output
+    assert "llamacpp cannot serve this model as written: layer 2 ffn" in result.output
+
+
+def test_prune_engine_rounds_per_layer_widths_for_vllm():
+    from helpers import random_model
+    from tessera.importance import magnitude_importance
+    from tessera.prune import PruneTarget, fit_engine, prune
+
+    parent = random_model(tiny_arch(layers=3, hidden=576 // 9, heads=4, ffn=1024))
+    imp = magnitude_importance(parent)
+    target = PruneTarget(ffn=(700, 600, 300))
+    child = prune(parent, imp, target, engine="vllm")
+    assert [b.ffn.intermediate_size for b in child.arch.blocks] == [512, 512, 256]
+    assert incompatibilities(child.arch, "vllm") == []
+    assert incompatibilities(prune(parent, imp, target).arch, "vllm")  # without --engine: widths vLLM misreads
+    assert fit_engine(PruneTarget(ffn=300), parent.arch, "vllm").ffn == 300  # homogeneous child: any width
+
+
+def test_prune_engine_refuses_a_child_the_engine_cannot_serve():
+    import pytest
+
+    from helpers import random_model
+    from tessera.errors import TesseraError
+    from tessera.importance import magnitude_importance
+    from tessera.prune import PruneTarget, prune
+
+    parent = random_model(mixed_arch())
+    with pytest.raises(TesseraError, match="cannot be served by llamacpp: layer 2 ffn"):
+        prune(parent, magnitude_importance(parent), PruneTarget(ffn=(32, 16, 1, 20, 1)), engine="llamacpp")

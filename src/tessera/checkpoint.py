@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from tessera.arch import ArchSpec
 from tessera.errors import TesseraError
 from tessera.formats import from_hf_config, read_config, to_hf_config
+from tessera.formats.hf_config import DECILM_CONFIG_FILE, decilm_config_source
 from tessera.io import atomic_dir
 from tessera.model import Transformer
 
@@ -295,11 +296,14 @@ def _write_checkpoint(model: Transformer, tmp: Path, max_shard_bytes: int, extra
 
 def write_model_files(tmp: Path, arch: ArchSpec, *, dtype: torch.dtype, provenance: list, tokenizer=None,
                       extra_files: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything of a checkpoint but its tensors: config.json, generation_config.json, tessera.json, extra files,
-    tokenizer. Returns the config (a streamed save writes the tensors itself, shard by shard)."""
+    """Everything of a checkpoint but its tensors: config.json (plus configuration_decilm.py when heterogeneous),
+    generation_config.json, tessera.json, extra files, tokenizer. Returns the config (a streamed save writes the
+    tensors itself, shard by shard)."""
     config = to_hf_config(arch)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if "auto_map" in config:  # heterogeneous: the configuration class trust_remote_code loaders (vLLM) need
+        (tmp / DECILM_CONFIG_FILE).write_text(decilm_config_source())
     gen = {"bos_token_id": arch.bos_token_id, "do_sample": False,
            "eos_token_id": list(arch.eos_token_ids) if len(arch.eos_token_ids) > 1 else arch.eos_token_id,
            "pad_token_id": arch.pad_token_id}

@@ -288,14 +288,47 @@ def _layer_tensors(model: Transformer, i: int) -> dict[str, torch.Tensor]:
     return {prefix + k: v.detach().clone() for k, v in block.state_dict().items()}
 
 
-def pruned_tensors(model: Transformer, imp: Importance, target: PruneTarget, *, check: bool = True
-                   ) -> tuple[PrunePlan, Iterator[tuple[str, torch.Tensor]]]:
+def fit_engine(target: PruneTarget, arch: ArchSpec, engine: str | None) -> PruneTarget:
+    """`target` with its MLP widths rounded down to ones `engine` serves exactly (`round_ffn_width`). Only a
+    heterogeneous child needs it: vLLM reads a homogeneous child's width from `intermediate_size`, any width."""
+    from tessera.formats.engines import check_engine, round_ffn_width
+
+    if engine is None or target.ffn is None:
+        return target
+    check_engine(engine)
+    hidden = target.hidden or arch.hidden_size
+    widths = target.ffn if isinstance(target.ffn, tuple) else (target.ffn,)
+    blocks = arch.blocks
+    uniform_rest = (all(b.attention.kind == "gqa" and b.ffn.kind == "swiglu" for b in blocks)
+                    and (target.kv_heads is not None or len({b.attention for b in blocks}) == 1))
+    if len(set(widths)) == 1 and uniform_rest:  # the child stays a plain Llama
+        return target
+    rounded = tuple(round_ffn_width(w, hidden, engine) for w in widths)
+    return replace(target, ffn=rounded if isinstance(target.ffn, tuple) else rounded[0])
+
+
+def _refuse_unservable(arch: ArchSpec, engine: str | None) -> None:
+    from tessera.formats.engines import incompatibilities
+
+    problems = incompatibilities(arch, engine) if engine is not None else []
+    if problems:
+        first = str(problems[0]).removeprefix(f"{engine}: ")
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise TesseraError(f"the pruned child cannot be served by {engine}: {first}{more}; change the target or "
+                           "drop --engine")
+
+
+def pruned_tensors(model: Transformer, imp: Importance, target: PruneTarget, *, check: bool = True,
+                   engine: str | None = None) -> tuple[PrunePlan, Iterator[tuple[str, torch.Tensor]]]:
     """The child's plan and its tensors, produced piece by piece in `tessera.save`'s order: the output head and
     embedding, then one child layer at a time (its parent layer read, sliced by the same steps, let go), then the
     final norm. `prune` collects them into a model; `prune_to` writes them shard by shard, so a streamed parent's
-    child is never whole in memory. Both run exactly the same steps on exactly the same tensors."""
+    child is never whole in memory. Both run exactly the same steps on exactly the same tensors. With `engine`
+    ("vllm" | "llamacpp"), MLP widths are rounded to ones it serves (`fit_engine`) and a child it still cannot
+    serve is refused, naming the layer and the reason, before any tensor is produced."""
     if check:
         imp.check(model)
+    target = fit_engine(target, model.arch, engine)
     if target.head_metric not in HEAD_METRICS:
         raise TesseraError(f"--head-metric {target.head_metric!r}: use {' or '.join(HEAD_METRICS)}")
     arch = model.arch
@@ -310,6 +343,7 @@ def pruned_tensors(model: Transformer, imp: Importance, target: PruneTarget, *, 
     outer = work(resident)  # validates the whole target and gives the child's specs before any layer is read
     hidden = _run_steps(outer, model, imp, target)
     new_arch = replace(arch, hidden_size=hidden, num_attention_heads=outer.n_heads, blocks=tuple(outer.blocks))
+    _refuse_unservable(new_arch, engine)
     plan = PrunePlan(new_arch, outer.dropped, outer.source_layer)
 
     def pieces() -> Iterator[tuple[str, torch.Tensor]]:
@@ -326,32 +360,38 @@ def pruned_tensors(model: Transformer, imp: Importance, target: PruneTarget, *, 
     return plan, pieces()
 
 
-def _record(model: Transformer, imp: Importance, target: PruneTarget, plan: PrunePlan) -> list:
-    return [*getattr(model, "provenance", []),
-            {"stage": "prune", "target": target.describe(), "dropped_layers": plan.dropped, "importance": imp.meta,
-             "params": plan.arch.num_params()}]
+def _record(model: Transformer, imp: Importance, target: PruneTarget, plan: PrunePlan, engine: str | None) -> list:
+    record = {"stage": "prune", "target": target.describe(), "dropped_layers": plan.dropped, "importance": imp.meta,
+              "params": plan.arch.num_params()}
+    if engine is not None:
+        record["engine"] = engine
+    return [*getattr(model, "provenance", []), record]
 
 
-def prune(model: Transformer, imp: Importance, target: PruneTarget, *, check: bool = True) -> Transformer:
+def prune(model: Transformer, imp: Importance, target: PruneTarget, *, check: bool = True,
+          engine: str | None = None) -> Transformer:
     """A new pruned model; `model` is not modified. `check=False` skips the fingerprint check (for callers that
-    made it once, like `search_target`)."""
-    plan, tensors = pruned_tensors(model, imp, target, check=check)
+    made it once, like `search_target`); `engine` keeps the child servable by it (`pruned_tensors`)."""
+    target = fit_engine(target, model.arch, engine)
+    plan, tensors = pruned_tensors(model, imp, target, check=check, engine=engine)
     pruned = from_state_dict(plan.arch, dict(tensors), source="pruned model")
     pruned.tokenizer = model.tokenizer
-    pruned.provenance = _record(model, imp, target, plan)
+    pruned.provenance = _record(model, imp, target, plan, engine)
     return pruned.eval()
 
 
 def prune_to(model: Transformer, imp: Importance, target: PruneTarget, out: str | os.PathLike, *, check: bool = True,
-             force: bool = False, max_shard_bytes: int | None = None, extra: dict | None = None) -> PrunePlan:
+             force: bool = False, max_shard_bytes: int | None = None, extra: dict | None = None,
+             engine: str | None = None) -> PrunePlan:
     """Prune and write the child to `out` layer by layer and shard by shard (`tessera.stream.checkpoint_writer`):
     memory holds the parent's resident tensors, one parent layer and one shard. The directory is what
     `tessera.save(prune(...))` writes, byte for byte; `extra` adds fields to the provenance record."""
     from tessera.checkpoint import MAX_SHARD_BYTES
     from tessera.stream import checkpoint_writer
 
-    plan, tensors = pruned_tensors(model, imp, target, check=check)
-    history = _record(model, imp, target, plan)
+    target = fit_engine(target, model.arch, engine)
+    plan, tensors = pruned_tensors(model, imp, target, check=check, engine=engine)
+    history = _record(model, imp, target, plan, engine)
     history[-1].update(extra or {})
     with checkpoint_writer(out, plan.arch, dtype=model.dtype, provenance=history, tokenizer=model.tokenizer,
                            force=force, max_shard_bytes=max_shard_bytes or MAX_SHARD_BYTES) as writer:

@@ -80,6 +80,18 @@ def load_arch(model: str):
     raise TesseraError(f"{path}: no config.json here; pass a model directory or a .gguf file")
 
 
+def warn_engines(arch, what: str = "saved model") -> None:
+    """After saving a model: one warning line per serving engine (vLLM, llama.cpp) that cannot serve it, with the
+    layer and the reason (`tessera.formats.engines`)."""
+    from tessera.formats.engines import incompatibility_lines
+
+    for line in incompatibility_lines(arch):
+        err_console.print(f"[yellow]warning:[/] {what}: {line}", highlight=False, soft_wrap=True)
+
+
+ENGINE_HELP = "vllm | llamacpp: keep the child servable by this engine (FFN widths rounded; refused otherwise)"
+
+
 STREAM_HELP = ("auto (stream a parent whose weights exceed a quarter of the free memory) | on (read one layer at a "
                "time from the safetensors shards) | off (load whole)")
 

@@ -12,7 +12,19 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from tessera.cli.app import DEVICE_HELP, DTYPE_HELP, STREAM_HELP, app, console, echo_json, friendly, int_list, load_model
+from tessera.cli.app import (
+    DEVICE_HELP,
+    DTYPE_HELP,
+    ENGINE_HELP,
+    STREAM_HELP,
+    app,
+    console,
+    echo_json,
+    friendly,
+    int_list,
+    load_model,
+    warn_engines,
+)
 from tessera.errors import TesseraError
 from tessera.io import refuse_overwrite
 
@@ -125,6 +137,7 @@ def prune_cmd(model: str = typer.Argument(...), out: Path = typer.Option(..., "-
               multiple: int = typer.Option(32, "--multiple", min=1,
                                            help="the search rounds hidden and FFN widths to multiples of this"),
               method: str = typer.Option("activation", help="importance: activation | magnitude | random"),
+              engine: str = typer.Option(None, "--engine", help=ENGINE_HELP),
               scores: Path = typer.Option(None, "--scores", help="precomputed importance file (of this model)"),
               data: Path = typer.Option(None, "--data"), samples: int = typer.Option(64, min=1),
               seq_len: int = typer.Option(256, "--seq-len", min=2),
@@ -140,6 +153,8 @@ def prune_cmd(model: str = typer.Argument(...), out: Path = typer.Option(..., "-
     from tessera.stream import is_streamed
 
     refuse_overwrite(out, force, "output directory")
+    if engine is not None and engine not in ("vllm", "llamacpp"):
+        raise TesseraError(f"--engine {engine!r}: use vllm or llamacpp")
     if head_metric not in HEAD_METRICS:
         raise TesseraError(f"--head-metric {head_metric!r}: use {' or '.join(HEAD_METRICS)}")
     m = load_model(model, device, dtype, stream=stream)
@@ -164,8 +179,9 @@ def prune_cmd(model: str = typer.Argument(...), out: Path = typer.Option(..., "-
                              drop_layers=_layer_list(drop_layers) if drop_layers else (), layers=layers,
                              layer_metric=layer_metric, head_metric=head_metric)
     plan = prune_to(m, imp, target, out, check=False, force=force,
-                    extra={"search": search.as_dict()} if search is not None else None)
+                    extra={"search": search.as_dict()} if search is not None else None, engine=engine)
     child = plan.arch
+    warn_engines(child, str(out))
     summary = {"out": str(out), "target": target.describe(), "params": child.num_params(),
                "parent_params": m.arch.num_params(), "non_embedding_params": child.non_embedding_params(),
                "non_embedding_fraction": child.non_embedding_params() / m.arch.non_embedding_params(),
@@ -242,6 +258,7 @@ def distill_cmd(teacher: str = typer.Option(..., "--teacher"), student: str = ty
     if rank != 0:
         return
     save(s, out, force=True, extra_files={"distill_log.json": log})
+    warn_engines(s.arch, str(out))
     last_entry = log[-1] if log else {}
     summary = {"out": str(out), "steps": cfg.steps, "tokens": cfg.steps * cfg.tokens_per_step,
                "final_loss": last_entry.get("loss"), "heldout_kld": last_entry.get("heldout_kld"),

@@ -18,6 +18,7 @@ from tessera.cli.app import (
     friendly,
     load_arch,
     load_model,
+    warn_engines,
 )
 from tessera.errors import TesseraError
 
@@ -38,7 +39,10 @@ def inspect_rows(arch, kv_bytes: float = 2.0) -> list[dict]:
 
 
 def print_inspect(arch, title: str, as_json: bool = False, weights: dict | None = None) -> None:
+    from tessera.formats.engines import compatibility
+
     rows = inspect_rows(arch)
+    engines = {e: [str(p).removeprefix(f"{e}: ") for p in problems] for e, problems in compatibility(arch).items()}
     totals = {
         "layers": arch.num_layers, "params": arch.num_params(), "non_embedding_params": arch.non_embedding_params(),
         "kv_bytes_per_token_bf16": arch.kv_cache_bytes_per_token(2.0), "homogeneous": arch.is_homogeneous,
@@ -46,7 +50,7 @@ def print_inspect(arch, title: str, as_json: bool = False, weights: dict | None 
         "head_dim": arch.head_dim,
     }
     if as_json:
-        typer.echo(json.dumps({"layers": rows, "totals": totals, "weights": weights}, indent=2))
+        typer.echo(json.dumps({"layers": rows, "totals": totals, "weights": weights, "engines": engines}, indent=2))
         return
     table = Table(title=f"{title}: {arch.num_layers} layers, hidden {arch.hidden_size}, {arch.num_attention_heads} "
                         f"heads x {arch.head_dim}, vocab {arch.vocab_size}")
@@ -68,6 +72,13 @@ def print_inspect(arch, title: str, as_json: bool = False, weights: dict | None 
         console.print(f"weights: {len(weights['files'])} safetensors file(s), {weights['tensors']} tensors, "
                       f"{fmt_bytes(weights['bytes'])} ({', '.join(weights['dtypes'])}); headers, sizes and shapes "
                       "match config.json", highlight=False)
+    for engine, problems in engines.items():
+        if not problems:
+            console.print(f"{engine}: serves it as written", highlight=False)
+            continue
+        console.print(f"[yellow]{engine}: cannot serve {len(problems)} layer part(s):[/]", highlight=False)
+        for p in problems:
+            console.print(f"  {p}", highlight=False)
 
 
 @app.command()
@@ -122,6 +133,7 @@ def convert(src: str = typer.Argument(..., help="'default', a model directory or
     refuse_overwrite(dst, force, "output directory")
     m = load(src, dtype=dtype)
     save(m, dst, force=force)
+    warn_engines(m.arch, str(dst))
     if as_json:
         echo_json({"out": str(dst), "params": m.arch.num_params(), "dtype": str(m.dtype).removeprefix("torch.")})
         return

@@ -94,3 +94,22 @@ def incompatibilities(arch: ArchSpec, engine: str) -> list[Incompatibility]:
         if found:
             out.append(Incompatibility(engine, i, *found))
     return out
+
+
+SERVING_ENGINES = ("vllm", "llamacpp")  # the ones tessera checks a saved child against
+
+
+def compatibility(arch: ArchSpec, engines: tuple[str, ...] = ENGINES) -> dict[str, list[Incompatibility]]:
+    """`incompatibilities` for each engine (empty list: it serves the model as written)."""
+    return {engine: incompatibilities(arch, engine) for engine in engines}
+
+
+def incompatibility_lines(arch: ArchSpec, engines: tuple[str, ...] = SERVING_ENGINES, limit: int = 3) -> list[str]:
+    """One line per engine that cannot serve `arch`: its first `limit` reasons and how many more."""
+    lines = []
+    for engine, problems in compatibility(arch, engines).items():
+        if problems:
+            shown = "; ".join(str(p).removeprefix(f"{engine}: ") for p in problems[:limit])
+            more = f" (+{len(problems) - limit} more)" if len(problems) > limit else ""
+            lines.append(f"{engine} cannot serve this model as written: {shown}{more}")
+    return lines

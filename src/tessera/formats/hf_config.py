@@ -1,7 +1,8 @@
 """config.json <-> ArchSpec: plain Llama for homogeneous models, nemotron-nas (DeciLM) `block_configs` otherwise.
 
 * homogeneous   -> `model_type: llama`, loadable by every tool;
-* heterogeneous -> `model_type: nemotron-nas`, `architectures: [DeciLMForCausalLM]`, top-level
+* heterogeneous -> `model_type: nemotron-nas`, `architectures: [DeciLMForCausalLM]`, `auto_map` naming the
+  configuration-only `configuration_decilm.py` that tessera's save writes beside it, top-level
   `intermediate_size` / `num_key_value_heads` null, one `{"attention": ..., "ffn": ...}` per layer
   (`n_heads_in_group`, `ffn_mult`, `no_op`, `replace_with_linear`), as vLLM, TensorRT-LLM and NVIDIA's
   checkpoints have it. A width that `ffn_mult` cannot express is written as `ffn.intermediate_size` too.
@@ -20,6 +21,9 @@ from tessera.arch import ArchSpec, AttentionSpec, BlockSpec, FFNSpec, RopeScalin
 from tessera.errors import TesseraError
 
 SUPPORTED_MODEL_TYPES = ("llama", "nemotron-nas")
+# Heterogeneous checkpoints carry this configuration-only file for `trust_remote_code` loaders (vLLM, AutoConfig).
+DECILM_CONFIG_FILE = "configuration_decilm.py"
+DECILM_AUTO_MAP = {"AutoConfig": "configuration_decilm.DeciLMConfig"}
 # DeciLM derives the FFN width from ffn_mult as round_up(int(2 * mult * hidden / 3), 256).
 NAS_FFN_MULTIPLE = 256
 
@@ -63,6 +67,7 @@ def to_hf_config(arch: ArchSpec) -> dict[str, Any]:
             intermediate_size=None,
             num_key_value_heads=None,
             block_configs=[_block_to_nas(arch, b) for b in arch.blocks],
+            auto_map=dict(DECILM_AUTO_MAP),
         )
     return dict(sorted(cfg.items()))
 
@@ -213,6 +218,11 @@ def from_hf_config(cfg: dict[str, Any], source: str = "config.json") -> ArchSpec
         pad_token_id=f.token_ids("pad_token_id", vocab),
         extra=extra,
     )
+
+
+def decilm_config_source() -> str:
+    """The text of `configuration_decilm.py`, the configuration class a heterogeneous checkpoint carries."""
+    return (Path(__file__).with_name(DECILM_CONFIG_FILE)).read_text()
 
 
 def config_json(arch: ArchSpec) -> str:
