@@ -21,8 +21,9 @@ from tessera.model import Transformer
 class NemotronNASConfig(PretrainedConfig):
     model_type = "nemotron-nas"
 
-    def __init__(self, block_configs=None, **kwargs):
+    def __init__(self, block_configs=None, max_position_embeddings=2048, **kwargs):
         self.block_configs = block_configs or []
+        self.max_position_embeddings = max_position_embeddings  # transformers' RoPE checks read it in __init__
         super().__init__(**kwargs)
 
     def arch(self) -> ArchSpec:

@@ -4,11 +4,12 @@
     evaluate  eval, perplexity, kld
     minitron  importance, prune, distill
     speed     bench, cost, plot
+    engines   export
 """
 
 # isort: off
 # Import order is the order of `tessera --help`; each module registers its commands on `app`.
-from tessera.cli import models, evaluate, minitron, speed  # noqa: F401
+from tessera.cli import models, evaluate, minitron, speed, engines  # noqa: F401
 from tessera.cli.app import app, main
 
 # isort: on

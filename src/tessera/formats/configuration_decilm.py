@@ -38,7 +38,9 @@ class BlockConfig(_Fields):
 class DeciLMConfig(PretrainedConfig):
     model_type = "nemotron-nas"
 
-    def __init__(self, block_configs=None, intermediate_size=None, num_key_value_heads=None, **kwargs):
+    def __init__(self, block_configs=None, intermediate_size=None, num_key_value_heads=None,
+                 max_position_embeddings=2048, **kwargs):
+        self.max_position_embeddings = max_position_embeddings  # read by transformers' llama3 RoPE checks
         self.block_configs = [b if isinstance(b, BlockConfig) else BlockConfig(**b) for b in (block_configs or [])]
         self.intermediate_size = intermediate_size
         self.num_key_value_heads = num_key_value_heads
