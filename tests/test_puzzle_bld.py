@@ -260,3 +260,23 @@ def test_attention_variant_trains_beside_the_parent_ffn(teacher, lib):
     assert v in trainable(lib, 0) and Variant("attention", AttentionSpec("no_op")) not in trainable(lib, 0)
     state = init_variant(teacher, 0, v, lib.stats)
     assert torch.equal(state["self_attn.q_proj.weight"], teacher.model.layers[0].self_attn.q_proj.weight)
+
+
+def test_bld_of_a_streamed_parent_equals_in_memory(teacher, lib, tmp_path):
+    from tessera.stream import open_streamed
+
+    train, _ = data()
+    shutil.copytree(lib.path, tmp_path / "lib2")
+    lib2 = type(lib).load(tmp_path / "lib2")
+    tessera.save(teacher, tmp_path / "parent", max_shard_bytes=20_000)
+    streamed = open_streamed(tmp_path / "parent")
+    run_bld(lib, teacher, train, BLD_CFG, layers=[0, 2], progress=False)
+    run_bld(lib2, streamed, train, BLD_CFG, layers=[0, 2], progress=False)
+    want, got = bld_weights(lib), bld_weights(lib2)
+    assert want and set(got) == set(want)
+    for name in want:
+        for k in want[name]:
+            assert torch.equal(got[name][k], want[name][k]), (name, k)
+    v = Variant("attention", AttentionSpec("gqa", 1))
+    assert all(torch.equal(a, b) for a, b in zip(variant_state(lib2, streamed, 1, v).values(),
+                                                  variant_state(lib, teacher, 1, v).values(), strict=True))

@@ -12,6 +12,8 @@ Public API (names are stable; `tessera.puzzle.assemble` and the CLI call them):
                                     initialisation when BLD has not trained it (the parent's own sub-block, no_op,
                                     a layer BLD skipped); quantised variants use their native twin's weights
     is_trained(library, layer, variant) -> bool
+    weights_id(library, layer, variant) -> str
+                                    'init' or the trained weights' hash: what downstream caches key on
     load_report(library) -> BLDReport | None
     normalised_mse(library, parent, chunks, ...) -> {(layer, key): nMSE}
                                     each variant's normalised MSE on `chunks`, trained or at initialisation
@@ -194,6 +196,33 @@ def variant_state(library: Library, parent: Transformer, layer: int, variant: Va
     return {k: v.to(device=parent.device, dtype=dtype) for k, v in state.items()}
 
 
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    """A content hash of a state dict (names, dtypes, values)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().to("cpu").contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update((t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def weights_id(library: Library, layer: int, variant: Variant) -> str:
+    """What `variant_state` returns, as a short id that changes when BLD retrains the variant: the trained
+    weights' hash (read from the file's header), or 'init' for the initialisation from the parent (fixed by the
+    library, which is tied to the parent's fingerprint). Caches of downstream stages key on it."""
+    file = _weights_file(library, layer, variant)
+    if not (variant.has_weights and file.is_file()):
+        return "init"
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata() or {}
+    return meta.get("weights_sha256") or f"mtime-{file.stat().st_mtime_ns}"
+
+
 def load_report(library: Library) -> BLDReport | None:
     file = bld_dir(library) / "bld.json"
     if not file.is_file():
@@ -220,7 +249,7 @@ class _Trainee:
         else:
             state = init_variant(parent, layer, variant, library.stats)
         state = {k: v.to(device=device, dtype=torch.float32) for k, v in state.items()}
-        self.module = variant_block(library.arch, variant, state).train()
+        self.module = variant_block(library.arch, variant, state).to(device).train()
         self.opt = torch.optim.AdamW(self.module.parameters(), lr=cfg.lr, betas=cfg.betas,
                                      weight_decay=cfg.weight_decay)
         self.step, self.nmse_init, self.loss_sum, self.loss_count = 0, None, 0.0, 0
@@ -265,8 +294,10 @@ class _Trainee:
 
         metrics = {"nmse_init": self.nmse_init, "nmse_final": self.loss_sum / max(1, self.loss_count),
                    "steps": self.step, "tokens": tokens}
+        weights = self.weights()
+        meta = {**{k: json.dumps(v) for k, v in metrics.items()}, "weights_sha256": state_hash(weights)}
         with atomic_path(_weights_file(self.library, self.layer, self.variant)) as tmp:
-            save_file(self.weights(), str(tmp), metadata={k: json.dumps(v) for k, v in metrics.items()})
+            save_file(weights, str(tmp), metadata=meta)
         return metrics
 
 
@@ -502,7 +533,7 @@ def normalised_mse(library: Library, parent: Transformer, chunks: torch.Tensor, 
                 if v.precision == "native" and v.has_weights:
                     state = (variant_state(library, parent, i, v, dtype=dtype) if trained else
                              {k: t.float() for k, t in init_variant(parent, i, v, library.stats).items()})
-                    self.blocks[v] = variant_block(library.arch, v, state)
+                    self.blocks[v] = variant_block(library.arch, v, state).to(parent.device)
             self.parent_block = Block(library.arch, library.arch.blocks[i]).to(parent.device)
             self.parent_block.load_state_dict({k: t.float() for k, t in block.state_dict().items()})
             return []

@@ -27,7 +27,6 @@ written after every pass, so a killed scoring run resumes and a retrained varian
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -40,7 +39,7 @@ from tessera.data import DataSplit, sha256_ids
 from tessera.errors import TesseraError
 from tessera.io import atomic_write_json
 from tessera.model import Transformer
-from tessera.puzzle.bld import attention_then_parent_ffn, parent_attention_then_ffn, variant_state
+from tessera.puzzle.bld import attention_then_parent_ffn, parent_attention_then_ffn, variant_state, weights_id
 from tessera.puzzle.library import Library, Variant, variant_block
 
 SCORES_FORMAT = "tessera.puzzle.scores"
@@ -100,16 +99,6 @@ def _read(file: Path) -> dict:
     return raw
 
 
-def _weights_hash(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k].detach().to("cpu").contiguous()
-        h.update(k.encode())
-        h.update(str(t.dtype).encode())
-        h.update((t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _data(data: DataSplit | torch.Tensor, library: Library) -> tuple[torch.Tensor, dict]:
     if isinstance(data, DataSplit):
         if data.name == "calibration":
@@ -139,13 +128,11 @@ def _data(data: DataSplit | torch.Tensor, library: Library) -> tuple[torch.Tenso
     return chunks, record
 
 
-def _branch_run(library: Library, parent: Transformer, layer: int, variant: Variant,
-                hashes: dict) -> Callable:
+def _branch_run(library: Library, parent: Transformer, layer: int, variant: Variant) -> Callable:
     """The executor branch: layer `layer` of the parent with `variant` in place of its sub-block."""
 
     def run(block, x, cos, sin):
         state = variant_state(library, parent, layer, variant)
-        hashes[(layer, variant.key)] = _weights_hash(state)
         sub = variant_block(library.arch, variant, state).to(parent.device)
         if variant.part == "attention":
             return attention_then_parent_ffn(sub, block, x, cos, sin)
@@ -161,7 +148,6 @@ def score_library(library: Library, parent: Transformer, data: DataSplit | torch
     """Replace-1-block KL and LM loss of every variant of `layers` (default all; `keys` narrows the variants) on
     `data` (the selection split), reusing `out/scores.json` entries of the same (layer, key, data, weights).
     Returns the table of the requested candidates; the file keeps every entry scored so far."""
-    from tessera.evaluate.kld import kl_per_token
     from tessera.stream import Branch, Budget, run_layers
 
     library.check_parent(parent)
@@ -183,17 +169,16 @@ def score_library(library: Library, parent: Transformer, data: DataSplit | torch
         if unknown:
             raise TesseraError(f"variant keys {sorted(unknown)} are not in the library at the given layers")
     sha = record["sha256"]
-    # the weights hash is checked against the cache: a variant retrained by BLD is rescored
+    # the weights id is part of the cache key: a variant retrained by BLD is rescored
+    ids = {(i, v.key): weights_id(library, i, v) for i, v in candidates}
     current = {}
     todo = []
     for i, v in candidates:
         e = entries.get((i, v.key, sha))
-        if e is not None:
-            w = _weights_hash(variant_state(library, parent, i, v)) if not _is_streamed(parent) else e["weights"]
-            if w == e["weights"]:
-                current[(i, v.key)] = e
-                continue
-        todo.append((i, v))
+        if e is not None and e.get("weights") == ids[(i, v.key)]:
+            current[(i, v.key)] = e
+        else:
+            todo.append((i, v))
     t0 = time.perf_counter()
     bar = None
     if progress and todo:
@@ -209,28 +194,29 @@ def score_library(library: Library, parent: Transformer, data: DataSplit | torch
         groups = [[]]  # nothing to score, but the parent's LM loss on these tokens is not cached yet
     try:
         for group in groups:
-            hashes: dict = {}
-            branches = [Branch(f"{i}:{v.key}", i, _branch_run(library, parent, i, v, hashes)) for i, v in group]
+            branches = [Branch(f"{i}:{v.key}", i, _branch_run(library, parent, i, v)) for i, v in group]
             fwd = run_layers(parent, chunks, batch_size=batch_size, branches=branches, budget=budget)
             try:
                 sums = {br.name: [0.0, 0.0] for br in branches}
                 lm_sum, count, lm_count = 0.0, 0, 0
                 for b, s in enumerate(fwd.batches):
-                    p = fwd.logits(b)
-                    target = chunks[s, 1:].to(p.device)
-                    lm_sum += _lm_loss_sum(p, target)
-                    count += p.shape[0] * p.shape[1]
+                    logp = torch.log_softmax(fwd.logits(b).float(), dim=-1)  # once per batch, for every branch
+                    p = logp.exp()
+                    target = chunks[s, 1:].to(logp.device)
+                    lm_sum += _lm_loss_sum(logp, target)
+                    count += logp.shape[0] * logp.shape[1]
                     lm_count += target.numel()
                     for br in branches:
-                        q = fwd.logits(b, br.name)
-                        sums[br.name][0] += kl_per_token(p, q).double().sum().item()
-                        sums[br.name][1] += _lm_loss_sum(q, target)
+                        logq = torch.log_softmax(fwd.logits(b, br.name).float(), dim=-1)
+                        sums[br.name][0] += (p * (logp - logq)).sum(-1).double().sum().item()
+                        sums[br.name][1] += _lm_loss_sum(logq, target)
+                    del logp, p
             finally:
                 fwd.close()
             parent_lm = lm_sum / lm_count
             for (i, v), br in zip(group, branches, strict=True):
                 kl, lm = sums[br.name]
-                e = {"layer": i, "key": v.key, "data": sha, "weights": hashes[(i, v.key)], "kl": kl / count,
+                e = {"layer": i, "key": v.key, "data": sha, "weights": ids[(i, v.key)], "kl": kl / count,
                      "lm_loss": lm / lm_count, "tokens": count}
                 entries[(i, v.key, sha)] = e
                 current[(i, v.key)] = e
@@ -248,16 +234,9 @@ def score_library(library: Library, parent: Transformer, data: DataSplit | torch
     return table
 
 
-def _is_streamed(model) -> bool:
-    from tessera.stream import is_streamed
-
-    return is_streamed(model)
-
-
-def _lm_loss_sum(logits: torch.Tensor, target: torch.Tensor) -> float:
-    """Summed next-token cross-entropy (nats) of logits (B, T, V) against target ids (B, T-1)."""
-    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return -lp.gather(-1, target.unsqueeze(-1)).double().sum().item()
+def _lm_loss_sum(logprobs: torch.Tensor, target: torch.Tensor) -> float:
+    """Summed next-token cross-entropy (nats) of log-probabilities (B, T, V) against target ids (B, T-1)."""
+    return -logprobs[:, :-1].gather(-1, target.unsqueeze(-1)).double().sum().item()
 
 
 def _write(file: Path, library: Library, record: dict, entries: dict, parent_lm: float, seconds: float) -> None:
