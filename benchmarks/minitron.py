@@ -7,6 +7,8 @@ Data: the three disjoint splits of the shared corpus (`tessera.data`): importanc
 calibration split, the width/depth choice on the selection split, the reported KLD on the reporting split.
 
     .venv/bin/python benchmarks/minitron.py [--fraction 0.6] [--tokens 32768] [--limit 100] [--out DIR]
+
+`--limit 0` skips the accuracy tasks (KLD only), for a quick run on a busy machine.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=64, help="calibration sequences for importance")
     ap.add_argument("--select", type=int, default=8, help="selection sequences for the width/depth search")
     ap.add_argument("--report", type=int, default=16, help="reporting sequences for the KLD")
-    ap.add_argument("--limit", type=int, default=100, help="items per accuracy task")
+    ap.add_argument("--limit", type=int, default=100, help="items per accuracy task (0: no accuracy)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None, help="save students and results here")
     args = ap.parse_args()
@@ -59,7 +61,8 @@ def main() -> None:
     print(f"importance on the first {args.calib} calibration chunks, distillation ({args.tokens:,} tokens per "
           f"student) on the rest; width/depth chosen on selection; KLD reported on reporting")
     parent_ref = parent_logits_for(parent, held.chunks)
-    parent_acc = evaluate_tasks(parent, TASKS, limit=args.limit, progress=False)
+    accuracy = bool(args.limit)
+    parent_acc = evaluate_tasks(parent, TASKS, limit=args.limit, progress=False) if accuracy else {}
 
     act = activation_importance(parent, calib, with_drop_loss=False)
     search = search_target(parent, act, args.fraction, selection)
@@ -88,13 +91,15 @@ def main() -> None:
         frac = student.arch.non_embedding_params() / parent.arch.non_embedding_params()
         before_kld = mean_kld(parent, student, held.chunks, parent_logits=parent_ref).kld
         before = accuracy_preserved(evaluate_tasks(student, TASKS, limit=args.limit, progress=False, use_cache=False),
-                                    parent_acc)["average"]["preserved"]
+                                    parent_acc)["average"]["preserved"] if accuracy else float("nan")
         t0 = time.perf_counter()
         student, log = distill(parent, student, train, cfg, progress=False)
         secs = time.perf_counter() - t0
         after_kld = mean_kld(parent, student, held.chunks, parent_logits=parent_ref).kld
-        after_acc = evaluate_tasks(student, TASKS, limit=args.limit, progress=False, use_cache=False)
-        table = accuracy_preserved(after_acc, parent_acc)
+        table = {"average": {"preserved": float("nan")}, "rows": []}
+        if accuracy:
+            after_acc = evaluate_tasks(student, TASKS, limit=args.limit, progress=False, use_cache=False)
+            table = accuracy_preserved(after_acc, parent_acc)
         rows.append({"method": name, "non_embedding_fraction": frac, "kld_before": before_kld, "kld_after": after_kld,
                      "preserved_before": before, "preserved_after": table["average"]["preserved"],
                      "distill_seconds": secs, "per_task_after": table["rows"]})
@@ -103,7 +108,9 @@ def main() -> None:
         if args.out:
             tessera.save(student, args.out / name.split()[0], force=True)
     shown = (("arc_easy", "acc_norm"), ("winogrande", "acc"), ("lambada", "acc"))
-    print(f"\nparent accuracy (limit {args.limit}): " + ", ".join(f"{t} {100 * parent_acc[t][m]:.1f}" for t, m in shown))
+    if accuracy:
+        print(f"\nparent accuracy (limit {args.limit}): "
+              + ", ".join(f"{t} {100 * parent_acc[t][m]:.1f}" for t, m in shown))
     print("\n| method | non-emb params | KLD before | KLD after | acc. preserved before | after |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
