@@ -1,7 +1,9 @@
 """Knowledge distillation: train a student to match a teacher's logits (and optionally hidden states).
 
 Loss (`distill_loss`) = T^2 * KL(teacher_T || student_T) on the logits at temperature T (forward KL, Minitron),
-plus, with loss="kl+cosine", a cosine loss between final hidden states (Puzzle's GKD; needs equal hidden sizes).
+plus, with loss="kl+cosine", a cosine loss between final hidden states (needs equal hidden sizes), or, with
+loss="kl+cosine-layers", the cosine loss averaged over every block's output (Puzzle's global distillation, GKD;
+needs equal hidden sizes and depths: a Puzzle child keeps the parent's layers, some of them no-op).
 AdamW, linear warm-up then cosine decay, gradient clipping, periodic KLD on held-out (selection) chunks.
 
 `distill` runs named steps on a `DistillRun`:
@@ -43,7 +45,7 @@ from tessera.errors import TesseraError
 from tessera.io import atomic_dir
 from tessera.model import Transformer
 
-LOSSES = ("kl", "kl+cosine")
+LOSSES = ("kl", "kl+cosine", "kl+cosine-layers")
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,12 @@ def check_pair(teacher: Transformer, student: Transformer, cfg: DistillConfig) -
     tt, st = teacher.tokenizer, student.tokenizer
     if tt is not None and st is not None and tt.get_vocab() != st.get_vocab():
         raise TesseraError("teacher and student tokenizers differ; distil a student pruned from this teacher")
-    if cfg.loss == "kl+cosine" and teacher.arch.hidden_size != student.arch.hidden_size:
-        raise TesseraError("--loss kl+cosine needs equal hidden sizes (the student's embedding was pruned); use --loss kl")
+    if cfg.loss != "kl" and teacher.arch.hidden_size != student.arch.hidden_size:
+        raise TesseraError(f"--loss {cfg.loss} needs equal hidden sizes (the student's embedding was pruned); "
+                           "use --loss kl")
+    if cfg.loss == "kl+cosine-layers" and teacher.arch.num_layers != student.arch.num_layers:
+        raise TesseraError(f"--loss kl+cosine-layers compares every layer's output: the teacher has "
+                           f"{teacher.arch.num_layers} layers, the student {student.arch.num_layers}; use --loss kl+cosine")
     if teacher.device != student.device:
         raise TesseraError(f"teacher is on {teacher.device} and student on {student.device}; put both on one device")
 
@@ -123,16 +129,27 @@ def check_pair(teacher: Transformer, student: Transformer, cfg: DistillConfig) -
 # ---------------------------------------------------------------------------- the loss
 @dataclass
 class Outputs:
-    """What the loss may compare: logits (B, T, V) and final-norm hidden states (B, T, h)."""
+    """What the loss may compare: logits (B, T, V), final-norm hidden states (B, T, h) and, when asked for, every
+    block's output (L tensors (B, T, h))."""
 
     logits: torch.Tensor
     hidden: torch.Tensor
+    states: list[torch.Tensor] | None = None
 
 
-def run_model(model, ids: torch.Tensor) -> Outputs:
-    """One forward pass (through the DDP wrapper when there is one)."""
+def run_model(model, ids: torch.Tensor, states: bool = False) -> Outputs:
+    """One forward pass (through the DDP wrapper when there is one); `states` also keeps every block's output."""
+    if states:
+        logits, hidden, all_states = model(ids, return_states=True)
+        return Outputs(logits, hidden, all_states[1:])
     logits, hidden = model(ids, return_hidden=True)
     return Outputs(logits, hidden)
+
+
+def layer_cosine_loss(teacher: list[torch.Tensor], student: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers and tokens of 1 - cos(student block output, teacher block output)."""
+    terms = [(1 - F.cosine_similarity(s.float(), t.float(), dim=-1)).mean() for t, s in zip(teacher, student)]
+    return torch.stack(terms).mean()
 
 
 def kd_loss(t_logits, s_logits, temperature: float, t_hidden=None, s_hidden=None, cosine_weight: float = 1.0):
@@ -149,6 +166,9 @@ def distill_loss(cfg: DistillConfig, teacher: Outputs, student: Outputs) -> torc
     if cfg.loss == "kl+cosine":
         return kd_loss(teacher.logits, student.logits, cfg.temperature, teacher.hidden, student.hidden,
                        cfg.cosine_weight)
+    if cfg.loss == "kl+cosine-layers":
+        return (kd_loss(teacher.logits, student.logits, cfg.temperature)
+                + cfg.cosine_weight * layer_cosine_loss(teacher.states, student.states))
     return kd_loss(teacher.logits, student.logits, cfg.temperature)
 
 
@@ -286,9 +306,10 @@ def train_step(run: DistillRun) -> dict:
     for micro in range(cfg.grad_accum):
         ids = run.train[idx[micro, run.rank * per_rank:(run.rank + 1) * per_rank]].to(run.device)
         with autocast(run.device, run.compute_dtype):
+            layers = cfg.loss == "kl+cosine-layers"
             with torch.no_grad():
-                t_out = run_model(run.teacher, ids)
-            s_out = run_model(run.model, ids)
+                t_out = run_model(run.teacher, ids, layers)
+            s_out = run_model(run.model, ids, layers)
             loss = distill_loss(cfg, t_out, s_out) / cfg.grad_accum
         loss.backward()
         total += loss.item()

@@ -310,11 +310,19 @@ class Transformer(nn.Module):
         return self.lm_head(self.model.norm(x))[:, -1]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                use_cache: bool = False, last_only: bool = False, return_hidden: bool = False):
-        x = self.hidden(input_ids, attention_mask, use_cache)
+                use_cache: bool = False, last_only: bool = False, return_hidden: bool = False,
+                return_states: bool = False):
+        """Logits; with return_hidden also the final-norm hidden states, with return_states also every block's
+        input and output (a list of L + 1 tensors, for layer-wise distillation through a DDP wrapper)."""
+        if return_states:
+            x, states = self.hidden(input_ids, attention_mask, use_cache, output_hidden_states=True)
+        else:
+            x, states = self.hidden(input_ids, attention_mask, use_cache), None
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(x)
+        if return_states:
+            return logits, x, states
         return (logits, x) if return_hidden else logits
 
     # ------------------------------------------------------------------ facts

@@ -210,7 +210,7 @@ def distill_cmd(teacher: str = typer.Option(..., "--teacher"), student: str = ty
                 seq_len: int = typer.Option(256, "--seq-len", min=2), batch: int = typer.Option(8, min=1),
                 grad_accum: int = typer.Option(1, "--grad-accum", min=1), lr: float = typer.Option(1e-4),
                 warmup: int = typer.Option(10, help="warm-up steps"), temperature: float = typer.Option(1.0),
-                loss: str = typer.Option("kl", help="kl | kl+cosine"),
+                loss: str = typer.Option("kl", help="kl | kl+cosine | kl+cosine-layers (Puzzle's GKD)"),
                 eval_every: int = typer.Option(50, "--eval-every", min=1),
                 eval_chunks: int = typer.Option(16, "--eval-chunks", min=1,
                                                 help="selection-split chunks for the periodic held-out KLD"),
