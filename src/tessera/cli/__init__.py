@@ -5,11 +5,12 @@
     minitron  importance, prune, distill
     speed     bench, cost, plot
     engines   export
+    puzzle    puzzle library|bld|score|mip|assemble, search
 """
 
 # isort: off
 # Import order is the order of `tessera --help`; each module registers its commands on `app`.
-from tessera.cli import models, evaluate, minitron, speed, engines  # noqa: F401
+from tessera.cli import models, evaluate, minitron, speed, engines, puzzle  # noqa: F401
 from tessera.cli.app import app, main
 
 # isort: on

@@ -120,11 +120,12 @@ def choice_from_record(record: Mapping[str, Any]) -> list[tuple[Variant, Variant
     return [(Variant.from_key(r["attention"]), Variant.from_key(r["ffn"])) for r in rows]
 
 
-def save_child(child: Transformer, out: str | Path, record: Mapping[str, Any], *, force: bool = False) -> Path:
+def save_child(child: Transformer, out: str | Path, record: Mapping[str, Any], *, force: bool = False,
+               extra_files: Mapping[str, Any] | None = None) -> Path:
     """The child as a checkpoint (nemotron-nas unless it is a plain Llama) with `search.json` beside it, atomic."""
     from tessera.checkpoint import save
 
-    return save(child, out, force=force, extra_files={"search.json": dict(record)})
+    return save(child, out, force=force, extra_files={"search.json": dict(record), **dict(extra_files or {})})
 
 
 def gkd_config(tokens: int, **overrides) -> Any:

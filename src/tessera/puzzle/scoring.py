@@ -122,9 +122,11 @@ def _data(data: DataSplit | torch.Tensor, library: Library) -> tuple[torch.Tenso
         if bld_data.get("sha256"):
             records["BLD training"] = bld_data
     # records of in-memory tensors have no source: only their token hashes can be compared
-    check_disjoint({k: r if r.get("source_sha256") else {"sha256": r.get("sha256"), "split": f"{k} tensor",
-                                                         "source_sha256": f"{k} tensor"}
-                    for k, r in records.items()})
+    records = {k: r if r.get("source_sha256") else {"sha256": r.get("sha256"), "split": f"{k} tensor",
+                                                    "source_sha256": f"{k} tensor"} for k, r in records.items()}
+    for name, r in records.items():  # the scoring tokens against each training set (those two may share a split)
+        if name != "scoring":
+            check_disjoint({"scoring": records["scoring"], name: r})
     return chunks, record
 
 
