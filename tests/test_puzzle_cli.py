@@ -121,14 +121,21 @@ def test_search_runs_every_stage_then_resumes_a_killed_run(parent_dir, data_file
                    progress=False)
 
 
-def test_search_cli_prints_one_summary(parent_dir, data_file, tmp_path):
-    r = cli("search", parent_dir, "--out", tmp_path / "s", "--target-speedup", "1.3", "--phase", "decode", "--gpu",
+def test_search_cli_prints_one_summary_and_serves_the_engine(parent_dir, data_file, tmp_path):
+    r = cli("search", parent_dir, "--out", tmp_path / "s", "--target-speedup", "1.1", "--phase", "decode", "--gpu",
             "h100", "--scenario", "64/64", "--bld-tokens", "64", "--gkd-tokens", "64", "--calib-samples", "8",
-            "--score-samples", "4", "--ffn-fractions", "0.5", "--data", data_file, *SMALL, "--json")
+            "--score-samples", "4", "--ffn-fractions", "0.5", "--engine", "llamacpp", "--data", data_file, *SMALL,
+            "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output)
     assert summary["constraint_values"] and set(summary["seconds"]) == {"library", "bld", "score", "mip", "assemble"}
-    assert summary["predicted"]["speedup[64/64,decode]"] >= 1.3
+    assert summary["predicted"]["speedup[64/64,decode]"] >= 1.1
+    chosen = json.loads((tmp_path / "s" / "child" / "search.json").read_text())["chosen"]
+    assert any(c["ffn"] != "ffn.swiglu-64" or c["attention"] != "attn.gqa-kv2" for c in chosen)  # a real search
+    assert all(c["ffn"] != "ffn.linear" for c in chosen)  # llama.cpp has no linear FFN
+    assert all(c["ffn"] != "ffn.no_op" or c["attention"] == "attn.no_op" for c in chosen)  # nor attention alone
+    result = cli("inspect", tmp_path / "s" / "child", "--json")
+    assert result.exit_code == 0
 
 
 # ---------------------------------------------------------------------------- bad input: one line, nothing written
