@@ -38,7 +38,7 @@ def synthetic_scores(library, seed=0):
     return scores
 
 
-def search(library, speedup=1.4):
+def search(library, speedup=1.1):
     costs = predicted_costs(library.arch, [v for lv in library.layers for v in lv.all], Target("h100", "bf16", "64/64"))
     constraints = [Constraint("speedup", speedup, phase="decode")]
     solution = solve(synthetic_scores(library), costs, constraints)[0]
@@ -114,7 +114,7 @@ def test_layer_cosine_is_zero_for_the_teacher_itself_and_positive_otherwise(teac
 
 
 def test_global_distillation_heals_the_child(teacher, library, chunks):
-    _, _, solution = search(library, speedup=1.6)
+    _, _, solution = search(library, speedup=1.15)
     child = assemble(teacher, library, solution.layers)
     before = mean_kld(teacher, child, chunks[-4:]).kld
     cfg = gkd_config(20 * 8 * 16, seq_len=16, batch=8, lr=3e-3, warmup_steps=2, eval_every=10**6, ckpt_every=10**6)

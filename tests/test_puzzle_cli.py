@@ -35,7 +35,7 @@ def data_file(tmp_path):
 
 
 def _cfg(data_file, **kw):
-    base = dict(constraints=constraints_from(1.3, phase="decode"), target=Target("h100", "bf16", "64/64"),
+    base = dict(constraints=constraints_from(1.1, phase="decode"), target=Target("h100", "bf16", "64/64"),
                 costs="predicted", data=str(data_file), seq_len=16, calib_samples=8, bld_tokens=8 * 16, bld_batch=4,
                 score_samples=4, gkd_tokens=4 * 16 * 2, gkd_batch=4, report_samples=4)
     base.update(kw)
@@ -67,7 +67,7 @@ def test_stage_commands_chain_through_their_directories(parent_dir, data_file, t
     r = cli("puzzle", "score", lib, "--out", scores, "--samples", "4", *d, "--heatmap", tmp_path / "h.png")
     assert r.exit_code == 0, r.output
     assert (scores / STAGE_FILE).is_file() and (tmp_path / "h.png").is_file()
-    r = cli("puzzle", "mip", scores, "--out", mip, "--target-speedup", "1.3", "--phase", "decode", "--gpu", "h100",
+    r = cli("puzzle", "mip", scores, "--out", mip, "--target-speedup", "1.1", "--phase", "decode", "--gpu", "h100",
             "--scenario", "64/64", "--json")
     assert r.exit_code == 0, r.output
     chosen = json.loads(r.output)["chosen"]
@@ -84,7 +84,7 @@ def test_stage_commands_chain_through_their_directories(parent_dir, data_file, t
     assert_one_line_error(cli("puzzle", "library", parent_dir, "--out", lib, *d), "already exists")
     assert_one_line_error(cli("puzzle", "bld", lib, *d), "already complete")
     assert_one_line_error(cli("puzzle", "score", lib, "--out", scores, *d), "already exists")
-    assert_one_line_error(cli("puzzle", "mip", scores, "--out", mip, "--target-speedup", "1.3", "--gpu", "h100"),
+    assert_one_line_error(cli("puzzle", "mip", scores, "--out", mip, "--target-speedup", "1.1", "--gpu", "h100"),
                           "already exists")
     assert_one_line_error(cli("puzzle", "assemble", mip, "--out", child, *d), "already exists")
 
@@ -165,7 +165,7 @@ def test_library_of_a_different_parent_is_refused(parent_dir, data_file, tmp_pat
     assert_one_line_error(cli("puzzle", "bld", out / "library", "--parent", other_dir, *d),
                           "library built from a different parent")
     assert not (out / "library" / "bld").exists()
-    r = cli("search", other_dir, "--out", out, "--target-speedup", "1.2", "--gpu", "h100", "--ffn-fractions", "0.5",
+    r = cli("search", other_dir, "--out", out, "--target-speedup", "1.1", "--gpu", "h100", "--ffn-fractions", "0.5",
             "--calib-samples", "8", *d)
     assert_one_line_error(r, "library built from a different parent")
     assert sorted(p.name for p in out.iterdir()) == ["library"]
@@ -183,7 +183,7 @@ def test_variant_list_that_does_not_fit_the_parent_is_refused(parent_dir, data_f
 def test_interrupted_stage_directories_are_refused(parent_dir, data_file, tmp_path):
     lib, scores = _scores(parent_dir, data_file, tmp_path)
     (scores / STAGE_FILE).unlink()  # as a killed scoring run leaves it
-    r = cli("puzzle", "mip", scores, "--out", tmp_path / "mip", "--target-speedup", "1.2", "--gpu", "h100")
+    r = cli("puzzle", "mip", scores, "--out", tmp_path / "mip", "--target-speedup", "1.1", "--gpu", "h100")
     assert_one_line_error(r, "an interrupted score stage")
     assert not (tmp_path / "mip").exists()
     (lib / STAGE_FILE).unlink()
