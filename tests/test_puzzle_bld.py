@@ -280,3 +280,23 @@ def test_bld_of_a_streamed_parent_equals_in_memory(teacher, lib, tmp_path):
     v = Variant("attention", AttentionSpec("gqa", 1))
     assert all(torch.equal(a, b) for a, b in zip(variant_state(lib2, streamed, 1, v).values(),
                                                   variant_state(lib, teacher, 1, v).values(), strict=True))
+
+
+def test_bld_of_a_heterogeneous_parent(tmp_path):
+    """Parent layers with linear / no-op sub-blocks: the FFN's input is taken where the parent has one (after a
+    linear attention, the layer input after a no-op one) and every offered variant still gets better."""
+    from helpers import mixed_arch
+
+    parent = random_model(mixed_arch())
+    train, held_out = data()
+    lib = build_library(parent, LIB_CFG, train[:16], tmp_path / "lib", parent_source="mixed")
+    before = normalised_mse(lib, parent, held_out, trained=False)
+    run_bld(lib, parent, train, BLD_CFG, progress=False)
+    after = normalised_mse(lib, parent, held_out)
+    trained = {(i, v.key) for i in range(parent.arch.num_layers) for v in trainable(lib, i)}
+    # layer 3: no-op attention (FFN variants see the layer input), layer 4: no FFN (attention variants alone);
+    # layer 2 (linear + linear) offers nothing to train beyond the parent's own and no-ops
+    assert {i for i, _ in trained} == {0, 1, 3, 4}
+    assert (3, "ffn.linear") in trained and (4, "attn.gqa-kv1") in trained
+    for k in trained:
+        assert after[k] < before[k], (k, before[k], after[k])

@@ -442,18 +442,21 @@ def run_bld(library: Library, parent: Transformer, data: DataSplit | torch.Tenso
     rank, world = init_distributed(parent.device)
     root = bld_dir(library)
     header = _run_header(library, cfg, record)
+    problem = None
     if rank == 0:
         run_file = root / "run.json"
         if force and root.exists():
             shutil.rmtree(root)
-        if run_file.is_file():
-            diffs = _check_resume(json.loads(run_file.read_text()), header)
-            if diffs:
-                raise TesseraError(f"{root}: a BLD run with a different {', '.join(diffs)} is here; rerun with the "
-                                   "same settings to resume it, or pass --force to restart")
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(run_file, header)
-    _barrier(world)
+        diffs = _check_resume(json.loads(run_file.read_text()), header) if run_file.is_file() else []
+        if diffs:
+            problem = (f"{root}: a BLD run with a different {', '.join(diffs)} is here; rerun with the same settings "
+                       "to resume it, or pass --force to restart")
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_file, header)
+    problem = _from_rank0(problem, world)  # every rank stops with rank 0's refusal, none waits for it forever
+    if problem:
+        raise TesseraError(problem)
     wanted = list(range(library.arch.num_layers)) if layers is None else sorted(set(layers))
     for i in wanted:
         if not 0 <= i < library.arch.num_layers:
@@ -492,6 +495,17 @@ def run_bld(library: Library, parent: Transformer, data: DataSplit | torch.Tenso
                                                                       report.variant_tokens_per_s)
         atomic_write_json(root / "bld.json", full.to_json())
     return report
+
+
+def _from_rank0(value, world: int):
+    """`value` as rank 0 has it (and a barrier); itself in a single process."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _barrier(world: int) -> None:
