@@ -1,4 +1,4 @@
-"""Run by tests/test_distill.py under torchrun: distil a tiny student with DDP (gloo) and save its weights."""
+"""Run by tests/test_distill.py under torchrun: distil a tiny student with DDP or FSDP2 (gloo) and save its weights."""
 
 import sys
 from pathlib import Path
@@ -24,16 +24,22 @@ def make():
 
 
 if __name__ == "__main__":
+    # argv: OUT.safetensors [ddp|fsdp] [CKPT_DIR MAX_STEPS RESUME]
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    parallel = sys.argv[2] if len(sys.argv) > 2 else "ddp"
+    ckpt = sys.argv[3] if len(sys.argv) > 3 else None
+    max_steps = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    resume = len(sys.argv) > 5 and sys.argv[5] == "resume"
+    cfg = CFG if ckpt is None else DistillConfig(**{**CFG.__dict__, "ckpt_every": 1})
     teacher, student, chunks = make()
-    student, log = distill(teacher, student, chunks, CFG, progress=False)
+    student, log = distill(teacher, student, chunks, cfg, progress=False, parallel=parallel, ckpt_dir=ckpt,
+                           max_steps=max_steps, resume=resume)
     if dist.get_rank() == 0:
         import json
 
         from safetensors.torch import save_file
 
         Path(sys.argv[1]).with_suffix(".json").write_text(json.dumps(log))
-
         save_file({k: v.contiguous() for k, v in student.state_dict().items()}, sys.argv[1])
     dist.destroy_process_group()

@@ -81,17 +81,20 @@ def test_bad_distillation_inputs(teacher, chunks):
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_matches_one_process(tmp_path):
+@pytest.mark.parametrize("parallel, port", [("ddp", 29533), ("fsdp", 29534)])
+def test_two_process_torchrun_matches_one_process(tmp_path, parallel, port):
+    """DDP (replicated student) and FSDP2 (`fully_shard`: sharded parameters, gradients and optimizer state) over
+    2 gloo processes each give the weights of one process on the same global batch."""
     from safetensors.torch import load_file
 
     sys.path.insert(0, str(Path(__file__).parent))
     from ddp_distill_worker import CFG as WCFG
     from ddp_distill_worker import make
 
-    out = tmp_path / "ddp.safetensors"
+    out = tmp_path / f"{parallel}.safetensors"
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           str(Path(__file__).parent / "ddp_distill_worker.py"), str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(Path(__file__).parent / "ddp_distill_worker.py"), str(out), parallel]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     teacher, student, chunks = make()
@@ -99,10 +102,16 @@ def test_two_process_torchrun_matches_one_process(tmp_path):
     ddp_log = json.loads(out.with_suffix(".json").read_text())
     assert [e["loss"] for e in ddp_log] == pytest.approx([e["loss"] for e in log], rel=1e-4)  # global, not per-rank
     ddp = load_file(str(out))
+    assert set(ddp) == set(single.state_dict())  # whole (gathered) tensors, not shards
     for name, w in single.state_dict().items():
         torch.testing.assert_close(ddp[name], w, atol=2e-5, rtol=1e-4)
     untrained = make()[1].state_dict()["model.layers.0.mlp.up_proj.weight"]
     assert not torch.equal(ddp["model.layers.0.mlp.up_proj.weight"], untrained)
+
+
+def test_parallel_strategy_is_checked(teacher, chunks):
+    with pytest.raises(TesseraError, match="--parallel 'zero3': use ddp or fsdp"):
+        distill(teacher, student_of(teacher), chunks, CFG, progress=False, parallel="zero3")
 
 
 # ---------------------------------------------------------------------------- CLI

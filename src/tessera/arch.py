@@ -208,6 +208,13 @@ class ArchSpec:
         layers = range(self.num_layers) if layer is None else (layer,)
         return sum(2 * self.kv_heads(i) * self.head_dim * bytes_per_element for i in layers)
 
+    def layer_rows(self, kv_bytes: float = 2.0) -> list[dict[str, Any]]:
+        """One row per layer: attention and FFN kind, KV heads, FFN width, parameters, KV bytes per token."""
+        return [{"layer": i, "attention": b.attention.kind, "kv_heads": self.kv_heads(i), "ffn": b.ffn.kind,
+                 "ffn_width": b.ffn.intermediate_size or 0, "params": self.block_params(i),
+                 "kv_bytes_per_token": self.kv_cache_bytes_per_token(kv_bytes, layer=i)}
+                for i, b in enumerate(self.blocks)]
+
     def summary(self) -> dict[str, Any]:
         return {"layers": self.num_layers, "params": self.num_params(), "homogeneous": self.is_homogeneous,
                 "blocks": [asdict(b) for b in self.blocks]}

@@ -20,8 +20,16 @@ AdamW, linear warm-up then cosine decay, gradient clipping, periodic KLD on held
 7. `finish`           provenance.
 
 The data order is a pure function of (seed, step), so a resumed run continues bit for bit. Under torchrun each
-process takes its slice of every global batch and DDP averages gradients (gloo on the CPU, NCCL when the tensors
-are on CUDA), so the result matches one process with the same global batch.
+process takes its slice of every global batch and gradients are averaged (gloo on the CPU, NCCL when the tensors
+are on CUDA), so the result matches one process with the same global batch. Two ways to spread the student:
+
+* `parallel="ddp"`  (default) every process holds the whole student; DDP all-reduces gradients;
+* `parallel="fsdp"` PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`, per decoder layer, then the root):
+                    parameters, gradients and optimizer state are sharded across processes and gathered layer by
+                    layer for each forward/backward, for a student too big for one device. Checkpoints hold the
+                    full (gathered) weights and optimizer state, so a run may resume with either strategy.
+
+The teacher only runs forward; each process holds it whole (in the compute dtype on a GPU).
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from tessera.checkpoint import fingerprint
 from tessera.data import DataSplit, sha256_ids
 from tessera.devices import autocast, default_dtype, format_name
 from tessera.errors import TesseraError
-from tessera.io import atomic_dir
+from tessera.io import atomic_dir, torch_save
 from tessera.model import Transformer
 
 LOSSES = ("kl", "kl+cosine", "kl+cosine-layers")
@@ -173,6 +181,9 @@ def distill_loss(cfg: DistillConfig, teacher: Outputs, student: Outputs) -> torc
 
 
 # ---------------------------------------------------------------------------- the run
+PARALLEL = ("ddp", "fsdp")  # how the student is spread over torchrun processes (see the module doc)
+
+
 @dataclass
 class DistillRun:
     cfg: DistillConfig
@@ -190,10 +201,15 @@ class DistillRun:
     inputs: dict = field(default_factory=dict)  # fingerprints of teacher, student and data: must match on resume
     data: dict = field(default_factory=dict)  # records of the data splits used
     ckpt: Path | None = None
+    parallel: str = "ddp"  # how the student is spread over processes (PARALLEL); one process: unused
 
     @property
     def device(self) -> torch.device:
         return self.student.device
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1 and self.parallel == "fsdp"
 
 
 def _tensor_and_record(data: torch.Tensor | DataSplit | None) -> tuple[torch.Tensor | None, dict | None]:
@@ -233,8 +249,10 @@ def prepare_teacher(teacher: Transformer, train: torch.Tensor, cfg: DistillConfi
 
 def start_run(teacher: Transformer, student: Transformer, train: torch.Tensor | DataSplit, cfg: DistillConfig, *,
               heldout: torch.Tensor | DataSplit | None, ckpt_dir: str | Path | None,
-              compute_dtype: str | None) -> DistillRun:
+              compute_dtype: str | None, parallel: str = "ddp") -> DistillRun:
     cfg.validate()
+    if parallel not in PARALLEL:
+        raise TesseraError(f"--parallel {parallel!r}: use {' or '.join(PARALLEL)}")
     check_pair(teacher, student, cfg)
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     train_t, train_rec = _tensor_and_record(train)
@@ -248,17 +266,43 @@ def start_run(teacher: Transformer, student: Transformer, train: torch.Tensor | 
     teacher.eval()
     student.train()
     model: torch.nn.Module = student
-    if world > 1:
+    inputs = {"teacher": fingerprint(teacher), "student": fingerprint(student), "train": sha256_ids(train_t),
+              "heldout": sha256_ids(held_t) if held_t is not None else None}  # before sharding: whole weights
+    if world > 1 and parallel == "fsdp":
+        shard(student)
+    elif world > 1:
         device = student.device
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(student, device_ids=ids)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    inputs = {"teacher": fingerprint(teacher), "student": fingerprint(student), "train": sha256_ids(train_t),
-              "heldout": sha256_ids(held_t) if held_t is not None else None}
     dtype = format_name(compute_dtype) if compute_dtype else default_dtype(student.device)
     return DistillRun(cfg, teacher, student, model, optimizer, train_t, held_t, dtype, world, rank, inputs=inputs,
                       data={"train": train_rec, "heldout": held_rec},
-                      ckpt=Path(ckpt_dir) / "last" if ckpt_dir is not None else None)
+                      ckpt=Path(ckpt_dir) / "last" if ckpt_dir is not None else None, parallel=parallel)
+
+
+def shard(student: Transformer) -> None:
+    """FSDP2: each decoder layer is one all-gather unit, the root (embeddings, final norm, head) another."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in student.model.layers:
+        fully_shard(layer)
+    fully_shard(student)
+
+
+def full_state(run: DistillRun, everywhere: bool = False) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The student's whole weights (CPU, tied head dropped) and optimizer state: gathered from every process under
+    FSDP (a collective: every rank calls it; rank 0 alone receives them unless `everywhere`), read directly
+    otherwise."""
+    if not run.sharded:
+        return _cpu_state(run.student), run.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=not everywhere)
+    model_sd, optim_sd = get_state_dict(run.student, run.optimizer, options=opts)
+    if run.student.arch.tie_word_embeddings:
+        model_sd.pop("lm_head.weight", None)
+    return {k: v.detach().cpu().contiguous() for k, v in model_sd.items()}, optim_sd
 
 
 def resume_differences(saved: dict, run: DistillRun) -> list[str]:
@@ -284,10 +328,17 @@ def restore(run: DistillRun) -> None:
     if diffs:
         raise TesseraError(f"--resume: the checkpoint in {run.ckpt} was made with other settings or inputs: "
                            f"{'; '.join(diffs)}; restore them, or start over with --force")
-    weights = load_file(str(run.ckpt / "student.safetensors"), device=str(run.device))
-    run.student.load_state_dict(weights, strict=not run.student.arch.tie_word_embeddings)
-    extra = torch.load(run.ckpt / "optimizer.pt", weights_only=True, map_location=run.device)
-    run.optimizer.load_state_dict(extra["optimizer"])
+    extra = torch.load(run.ckpt / "optimizer.pt", weights_only=True, map_location="cpu" if run.sharded else run.device)
+    if run.sharded:  # every process reads the whole checkpoint and keeps its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        weights = load_file(str(run.ckpt / "student.safetensors"))
+        set_state_dict(run.student, run.optimizer, model_state_dict=weights, optim_state_dict=extra["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, strict=not run.student.arch.tie_word_embeddings))
+    else:
+        weights = load_file(str(run.ckpt / "student.safetensors"), device=str(run.device))
+        run.student.load_state_dict(weights, strict=not run.student.arch.tie_word_embeddings)
+        run.optimizer.load_state_dict(extra["optimizer"])
     torch.set_rng_state(extra["rng"].cpu())
     if "cuda_rng" in extra and torch.cuda.is_available() and len(extra["cuda_rng"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in extra["cuda_rng"]])
@@ -345,23 +396,36 @@ def _cpu_state(model: Transformer) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run: DistillRun, force: bool = False) -> None:
     """Every `ckpt_every` steps and at the end (rank 0): student, optimizer, RNG, step, log, config, inputs."""
-    if run.ckpt is None or run.rank != 0 or not (force or run.step % run.cfg.ckpt_every == 0
-                                                 or run.step == run.cfg.steps):
+    if run.ckpt is None or not (force or run.step % run.cfg.ckpt_every == 0 or run.step == run.cfg.steps):
+        return
+    if run.rank != 0 and not run.sharded:
+        return
+    weights, optim_state = full_state(run)  # under FSDP every rank takes part in the gather
+    if run.rank != 0:
         return
     with atomic_dir(run.ckpt, force=True) as tmp:
-        save_file(_cpu_state(run.student), str(tmp / "student.safetensors"))
+        save_file(weights, str(tmp / "student.safetensors"))
         rng = {"rng": torch.get_rng_state()}
         if torch.cuda.is_available():  # resume on GPU is bit-exact too (nothing in the loop draws from it today)
             rng["cuda_rng"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": run.optimizer.state_dict(), **rng}, tmp / "optimizer.pt")
+        torch_save({"optimizer": optim_state, **rng}, tmp / "optimizer.pt")
         state = {"step": run.step, "config": asdict(run.cfg), "inputs": run.inputs, "data": run.data, "log": run.log}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
 
 def finish(run: DistillRun) -> Transformer:
+    if run.sharded:  # gather the shards into a plain (unsharded) model on every process
+        from tessera.checkpoint import from_state_dict
+
+        weights, _ = full_state(run, everywhere=True)
+        plain = from_state_dict(run.student.arch, weights, source="fsdp").to(run.device)
+        plain.tokenizer = run.student.tokenizer
+        plain.provenance = list(getattr(run.student, "provenance", []))
+        run.student = plain
     run.student.eval()
     run.student.provenance = [*getattr(run.student, "provenance", []),
                               {"stage": "distill", "config": asdict(run.cfg), "steps": run.step, "world_size": run.world,
+                               "parallel": run.parallel if run.world > 1 else None,
                                "final_loss": run.log[-1]["loss"] if run.log else None, "inputs": run.inputs,
                                "data": run.data}]
     return run.student
@@ -370,7 +434,8 @@ def finish(run: DistillRun) -> Transformer:
 def distill(teacher: Transformer, student: Transformer, train: torch.Tensor | DataSplit, cfg: DistillConfig, *,
             heldout: torch.Tensor | DataSplit | None = None, ckpt_dir: str | Path | None = None,
             resume: bool = False, max_steps: int | None = None, progress: bool = True,
-            compute_dtype: str | None = None, inplace_teacher: bool = False) -> tuple[Transformer, list[dict]]:
+            compute_dtype: str | None = None, inplace_teacher: bool = False,
+            parallel: str = "ddp") -> tuple[Transformer, list[dict]]:
     """Train `student` in place to match `teacher` on token chunks `train` (N, seq_len; the calibration split);
     returns it and the log. `heldout` (the selection split) is scored every `cfg.eval_every` steps.
 
@@ -378,13 +443,15 @@ def distill(teacher: Transformer, student: Transformer, train: torch.Tensor | Da
     passes run under `compute_dtype` autocast (default bf16). `max_steps` stops early (as if killed) after that
     many steps of this call; a later call with resume=True continues exactly where the checkpoint left off.
     `inplace_teacher` corrects the teacher in place (when the caller holds the only copy of a large teacher).
+    `parallel` (under torchrun): "ddp" replicates the student, "fsdp" shards it with FSDP2 (see the module doc).
     """
     cfg.validate()
     train_t = train.chunks if isinstance(train, DataSplit) else train
     rank = dist.get_rank() if dist.is_initialized() else 0
     teacher = prepare_teacher(teacher, train_t, cfg, Path(ckpt_dir) if ckpt_dir is not None else None,
                               inplace=inplace_teacher, rank=rank, compute_dtype=compute_dtype)
-    run = start_run(teacher, student, train, cfg, heldout=heldout, ckpt_dir=ckpt_dir, compute_dtype=compute_dtype)
+    run = start_run(teacher, student, train, cfg, heldout=heldout, ckpt_dir=ckpt_dir, compute_dtype=compute_dtype,
+                    parallel=parallel)
     if resume:
         restore(run)
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn

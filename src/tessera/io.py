@@ -8,6 +8,7 @@ gone. Nothing is overwritten unless the caller says `force`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -131,3 +132,17 @@ def atomic_dir(target: str | os.PathLike, *, force: bool = False) -> Iterator[Pa
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save`, except that a full disk comes out as OSError(ENOSPC) naming the file: torch's zip writer
+    reports it only as a RuntimeError ('unexpected pos ...'), which no caller could tell from a bug."""
+    import torch
+
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        st = os.statvfs(Path(path).parent)
+        if st.f_bavail * st.f_frsize < 4 << 20:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise

@@ -39,7 +39,9 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except TesseraError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            from rich.markup import escape  # messages name recipe tables like [prune]: not markup
+
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")

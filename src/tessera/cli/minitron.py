@@ -221,9 +221,11 @@ def distill_cmd(teacher: str = typer.Option(..., "--teacher"), student: str = ty
                 device: str = typer.Option("auto", help=DEVICE_HELP),
                 dtype: str = typer.Option(None, help="compute dtype: " + DTYPE_HELP + "; the student trains in fp32 "
                                           "master weights under autocast"),
+                parallel: str = typer.Option("ddp", "--parallel", help="under torchrun: ddp (replicate the student) | "
+                                             "fsdp (shard it with FSDP2 fully_shard)"),
                 resume: bool = typer.Option(False, "--resume"), force: bool = typer.Option(False, "--force"),
                 seed: int = typer.Option(0), as_json: bool = typer.Option(False, "--json")):
-    """Logit distillation (optionally + hidden-state cosine), resumable; run under torchrun for DDP."""
+    """Logit distillation (optionally + hidden-state cosine), resumable; run under torchrun for DDP or FSDP2."""
     import json
 
     from tessera.checkpoint import save
@@ -254,7 +256,7 @@ def distill_cmd(teacher: str = typer.Option(..., "--teacher"), student: str = ty
     heldout = load_split(t.tokenizer, "selection", data, seq_len=seq_len,
                          max_tokens=eval_chunks * seq_len).take(eval_chunks)
     s, log = distill(t, s, train, cfg, heldout=heldout, ckpt_dir=ckpt_dir, resume=resume, compute_dtype=compute,
-                     inplace_teacher=True, progress=not as_json)
+                     inplace_teacher=True, progress=not as_json, parallel=parallel)
     if rank != 0:
         return
     save(s, out, force=True, extra_files={"distill_log.json": log})

@@ -24,18 +24,7 @@ from tessera.errors import TesseraError
 
 
 def inspect_rows(arch, kv_bytes: float = 2.0) -> list[dict]:
-    rows = []
-    for i, block in enumerate(arch.blocks):
-        rows.append({
-            "layer": i,
-            "attention": block.attention.kind,
-            "kv_heads": arch.kv_heads(i),
-            "ffn": block.ffn.kind,
-            "ffn_width": block.ffn.intermediate_size or 0,
-            "params": arch.block_params(i),
-            "kv_bytes_per_token": arch.kv_cache_bytes_per_token(kv_bytes, layer=i),
-        })
-    return rows
+    return arch.layer_rows(kv_bytes)
 
 
 def print_inspect(arch, title: str, as_json: bool = False, weights: dict | None = None) -> None:
