@@ -1,0 +1,339 @@
+"""Puzzle on the default parent, against Minitron (uniform width) and ShortGPT (depth) children of the same speed.
+
+One run: the block library, BLD, replace-1-block scores and per-variant decode costs measured on this CPU (batch 1)
+are made once (`tessera.puzzle.run`'s stages, kept under --out so a killed run resumes); then for each decode
+speed-up S the MIP picks the Puzzle child, and two baselines are cut to the same predicted decode time from the
+same measured cost table:
+
+* Minitron: every layer's FFN pruned to one width w (activation importance, `tessera.prune`), the widest w whose
+  predicted decode time meets S (widths between the measured ones interpolated);
+* ShortGPT: the layers with the lowest Block Importance dropped (`tessera.prune.shortgpt`), the most layers kept
+  that meet S.
+
+All children are healed by global distillation with the same token budget, lr and batch (Puzzle and Minitron:
+KL + cosine on every layer's output; ShortGPT, which has fewer layers: KL + cosine on the final hidden state),
+then measured: decode speed-up over the parent at batch 1 and 8 (`tessera.bench`), KLD to the parent on the
+reporting split, accuracy on shared bench tasks (mean and standard error). Prints markdown tables and the wall
+time of each stage; writes results.json and frontier plots to --out.
+
+    flock /work/bench.lock .venv/bin/python benchmarks/puzzle.py --threads 2 --out /tmp/puzzle_bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import tessera
+from tessera.cost import Scenario
+from tessera.puzzle.costs import CostTable, Target
+from tessera.puzzle.mip import Constraint, solve
+from tessera.puzzle.run import (
+    STAGE_FILE,
+    SearchConfig,
+    bld_state,
+    compute_costs,
+    load_library,
+    load_scores_stage,
+    stage_bld,
+    stage_library,
+    stage_score,
+)
+
+TASKS = ["arc_easy", "winogrande", "lambada"]
+STAGE_SECONDS: dict[str, float] = {}
+
+
+def timed(name: str, fn):
+    t0 = time.perf_counter()
+    value = fn()
+    STAGE_SECONDS[name] = STAGE_SECONDS.get(name, 0.0) + time.perf_counter() - t0
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return value
+
+
+def search_stages(parent, cfg: SearchConfig, out: Path):
+    """Library, BLD, scores and measured costs, each reused when a complete one is under `out`."""
+    lib_dir, score_dir, cost_file = out / "library", out / "scores", out / "costs.json"
+    if (lib_dir / STAGE_FILE).is_file():
+        library = load_library(lib_dir, parent)
+    else:
+        library = timed("library", lambda: stage_library(parent, "default", cfg, lib_dir, force=True))
+    if bld_state(library) != "complete":
+        timed("bld", lambda: stage_bld(library, parent, cfg, progress=False))
+    if not (score_dir / STAGE_FILE).is_file():
+        timed("score", lambda: stage_score(library, parent, cfg, score_dir, progress=False))
+    table, library = load_scores_stage(score_dir)
+    if cost_file.is_file():
+        costs = CostTable.from_json(cost_file.read_text())
+    else:
+        costs = timed("costs (measured)", lambda: compute_costs(library, cfg))
+        cost_file.write_text(costs.to_json())
+    return library, table, costs
+
+
+def ffn_decode_time(costs: CostTable, width: int) -> float:
+    """Per-layer decode seconds of a SwiGLU of `width`, interpolated (linearly in width) between measured widths."""
+    pts = sorted((costs.variant(k).spec.intermediate_size, c.decode_s[0]) for k, c in costs.sub.items()
+                 if k.startswith("ffn.swiglu-") and "@" not in k)
+    for (w0, t0), (w1, t1) in zip(pts, pts[1:]):
+        if w0 <= width <= w1:
+            return t0 + (t1 - t0) * (width - w0) / (w1 - w0)
+    (w0, t0), (w1, t1) = (pts[0], pts[1]) if width < pts[0][0] else (pts[-2], pts[-1])
+    return max(0.0, t0 + (t1 - t0) * (width - w0) / (w1 - w0))
+
+
+def baseline_shapes(costs: CostTable, speedup: float, parent_arch) -> dict:
+    """Minitron's uniform FFN width and ShortGPT's layer count whose predicted decode time meets `speedup`."""
+    attn0, ffn0 = (v.key for v in tessera.puzzle.library.parent_variants(parent_arch, 0))
+    L = parent_arch.num_layers
+    fixed, parent_total = costs.fixed.decode_s[0], costs.parent.decode_s[0]
+    budget = parent_total / speedup
+    layer = costs.pair(attn0, ffn0).decode_s[0]
+    keep = max(1, min(L, math.floor((budget - fixed) / layer)))
+    attn = costs.sub[attn0].decode_s[0]
+    width_full = parent_arch.blocks[0].ffn.intermediate_size
+    width, reachable = 64, False
+    for w in range(width_full, 63, -64):
+        if fixed + L * (attn + ffn_decode_time(costs, w)) <= budget:
+            width, reachable = w, True
+            break
+    return {"minitron_ffn": width, "minitron_reachable": reachable,
+            "minitron_predicted": parent_total / (fixed + L * (attn + ffn_decode_time(costs, width))),
+            "shortgpt_layers": keep, "shortgpt_predicted": parent_total / (fixed + keep * layer)}
+
+
+def heal(parent, child, train, held, args, loss: str):
+    from tessera.distill import DistillConfig, distill
+
+    cfg = DistillConfig(tokens=args.gkd_tokens, seq_len=args.seq_len, batch=args.batch, lr=args.lr, warmup_steps=2,
+                        loss=loss, eval_every=10**9, ckpt_every=10**9, seed=0)
+    child, log = distill(parent, child, train, cfg, heldout=held, progress=False)
+    return child, {"tokens": cfg.steps * cfg.tokens_per_step, "steps": cfg.steps, "loss": loss,
+                   "final_loss": log[-1]["loss"] if log else None}
+
+
+def kld_stats(parent, child, chunks: torch.Tensor, ref: list[torch.Tensor], batch_size: int = 8) -> dict:
+    """Mean KL(parent || child) over the reporting chunks and its standard error across chunks."""
+    from tessera.evaluate import mean_kld
+
+    per = []
+    for j in range(len(chunks)):
+        logits = ref[j // batch_size][j % batch_size:j % batch_size + 1]
+        per.append(mean_kld(parent, child, chunks[j:j + 1], parent_logits=[logits]).kld)
+    mean = sum(per) / len(per)
+    se = math.sqrt(sum((x - mean) ** 2 for x in per) / max(1, len(per) - 1) / len(per))
+    return {"kld": mean, "stderr": se, "chunks": len(per)}
+
+
+def accuracy(model, limit: int) -> dict:
+    from tessera.evaluate import evaluate_tasks
+    from tessera.evaluate.table import primary_metric
+
+    res = evaluate_tasks(model, TASKS, limit=limit, progress=False, use_cache=False)
+    per = {}
+    for t in TASKS:
+        m = primary_metric(t, res[t])
+        per[t] = {"metric": m, "acc": res[t][m], "stderr": res[t].get(f"{m}_stderr", float("nan")), "n": res[t]["n"]}
+    mean = sum(p["acc"] for p in per.values()) / len(per)
+    se = math.sqrt(sum(p["stderr"] ** 2 for p in per.values())) / len(per)
+    return {"tasks": per, "average": mean, "average_stderr": se}
+
+
+def speed(model, scenario: Scenario, batches: list[int], reps: int) -> dict[int, float]:
+    from tessera.bench import bench
+
+    return {r.batch: r.decode_tok_s for r in bench(model, [scenario], batches, reps=reps, warmup=1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--speedups", type=float, nargs="+", default=[1.25, 1.5, 2.0])
+    ap.add_argument("--scenario", default="32/32", help="IN/OUT tokens of the decode-speed measurement")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes the children are timed at")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--bld-tokens", type=int, default=32768)
+    ap.add_argument("--score-samples", type=int, default=4)
+    ap.add_argument("--gkd-tokens", type=int, default=16384, help="global distillation tokens per child (all alike)")
+    ap.add_argument("--batch", type=int, default=8, help="distillation batch (sequences)")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--report-samples", type=int, default=8, help="reporting chunks for the KLD")
+    ap.add_argument("--limit", type=int, default=200, help="items per accuracy task")
+    ap.add_argument("--reps", type=int, default=3, help="timing repetitions")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--phase", choices=("build", "measure", "all"), default="all",
+                    help="build: search, children, distillation, quality; measure: the children's decode speed "
+                         "(run it alone on the machine, e.g. under flock); all: both")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.phase in ("build", "all"):
+        build(args)
+    if args.phase in ("measure", "all"):
+        measure(args)
+
+
+def _results(args) -> dict:
+    file = args.out / "results.json"
+    return json.loads(file.read_text()) if file.is_file() else {"rows": [], "stage_seconds": {}}
+
+
+def _write(args, results: dict) -> None:
+    results["stage_seconds"] = {**results.get("stage_seconds", {}), **STAGE_SECONDS}
+    results["args"] = {k: str(v) for k, v in vars(args).items()}
+    tmp = args.out / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(args.out / "results.json")
+
+
+def build(args) -> None:
+    from tessera.data import check_disjoint, load_split
+    from tessera.evaluate import mean_kld, parent_logits_for
+    from tessera.importance import activation_importance
+    from tessera.prune import PruneTarget, prune, shortgpt
+    from tessera.puzzle.assemble import assemble
+    from tessera.puzzle.bld import variant_state
+
+    t_start = time.perf_counter()
+    results = _results(args)
+    STAGE_SECONDS.update(results.get("stage_seconds", {}))
+    parent = tessera.load("default")
+    scenario = Scenario.parse(args.scenario)
+    cfg = SearchConfig(target=Target("cpu", "fp32", (args.scenario,), 1), costs="measured", seq_len=args.seq_len,
+                       calib_samples=args.calib_samples, bld_tokens=args.bld_tokens, score_samples=args.score_samples,
+                       measure_reps=args.reps)
+    library, scores, costs = search_stages(parent, cfg, args.out)
+    print(f"library: {sum(len(lv.attention) for lv in library.layers)} attention and "
+          f"{sum(len(lv.ffn) for lv in library.layers)} FFN variants over {library.arch.num_layers} layers; "
+          f"costs: {costs.source}", flush=True)
+
+    calibration = load_split(parent.tokenizer, "calibration", seq_len=args.seq_len,
+                             max_tokens=args.gkd_tokens + 2 * args.calib_samples * args.seq_len)
+    held = load_split(parent.tokenizer, "selection", seq_len=args.seq_len, max_tokens=4 * args.seq_len).take(4)
+    report = load_split(parent.tokenizer, "reporting", seq_len=args.seq_len,
+                        max_tokens=args.report_samples * args.seq_len).take(args.report_samples)
+    records = {"calibration": calibration.record(), "selection (scores)": scores.data, "reporting": report.record()}
+    check_disjoint(records)
+    results["data"] = records
+    ref = parent_logits_for(parent, report.chunks)
+    imp = timed("importance (Minitron / ShortGPT)",
+                lambda: activation_importance(parent, calibration.take(args.calib_samples), with_drop_loss=False))
+    if "parent" not in results:
+        results["parent"] = {"accuracy": timed("evaluate parent", lambda: accuracy(parent, args.limit))}
+        _write(args, results)
+    parent_acc = results["parent"]["accuracy"]
+    done = {(r["target"], r["method"]) for r in results["rows"]}
+    for s in args.speedups:
+        sol = timed("mip", lambda s=s: solve(scores.kl, costs, [Constraint("speedup", s, phase="decode")],
+                                             exclude=[(p.layer, p.attention, p.ffn) for p in library.pair_exclusions]))[0]
+        shapes = baseline_shapes(costs, s, parent.arch)
+        makers = {
+            "puzzle": (lambda sol=sol: assemble(parent, library, sol.layers,
+                                                weights=lambda i, v: variant_state(library, parent, i, v)),
+                       "kl+cosine-layers", sol.totals[f"speedup[{scenario},decode]"]),
+            "minitron": (lambda w=shapes["minitron_ffn"]: prune(parent, imp, PruneTarget(ffn=w)),
+                         "kl+cosine-layers", shapes["minitron_predicted"]),
+            "shortgpt": (lambda n=shapes["shortgpt_layers"]: shortgpt(parent, imp, n), "kl+cosine",
+                         shapes["shortgpt_predicted"]),
+        }
+        for name, (make, loss, predicted) in makers.items():
+            if (s, name) in done:
+                continue
+            child = timed("assemble / prune", make)
+            kld_before = mean_kld(parent, child, report.chunks, parent_logits=ref).kld
+            child, gkd = timed("gkd", lambda c=child, lo=loss: heal(parent, c, calibration.chunks, held.chunks, args,
+                                                                    lo))
+            kld = timed("evaluate", lambda c=child: kld_stats(parent, c, report.chunks, ref))
+            acc = timed("evaluate", lambda c=child: accuracy(c, args.limit))
+            shape = (f"FFN {shapes['minitron_ffn']}" + ("" if shapes["minitron_reachable"] else " (narrowest tried)")
+                     if name == "minitron" else f"{shapes['shortgpt_layers']} layers" if name == "shortgpt"
+                     else "; ".join(f"{k} x{n}" for k, n in _counts(sol)))
+            path = args.out / "children" / f"{name}-{s:g}x"
+            tessera.save(child, path, force=True)
+            row = {"target": s, "method": name, "shape": shape, "params": child.arch.num_params(), "path": str(path),
+                   "predicted_speedup": predicted, "kld_before": kld_before, "kld": kld["kld"],
+                   "kld_stderr": kld["stderr"], "accuracy": acc, "preserved": acc["average"] / parent_acc["average"],
+                   "gkd": gkd}
+            results["rows"].append(row)
+            _write(args, results)
+            print(json.dumps({k: row[k] for k in ("target", "method", "shape", "predicted_speedup", "kld_before",
+                                                  "kld", "kld_stderr", "preserved")}, default=str), flush=True)
+            del child
+    print(f"build: {time.perf_counter() - t_start:.0f} s", flush=True)
+
+
+def measure(args) -> None:
+    """Decode tokens/s of the parent and each saved child at every batch size; speed-up = child / parent."""
+    results = _results(args)
+    scenario = Scenario.parse(args.scenario)
+    parent = tessera.load("default")
+    parent_speed = timed("speed", lambda: speed(parent, scenario, args.batches, args.reps))
+    for r in results["rows"]:
+        child = tessera.load(r["path"])
+        spd = timed("speed", lambda c=child: speed(c, scenario, args.batches, args.reps))
+        again = speed(parent, scenario, args.batches, args.reps)  # the parent again: load drifts on a shared machine
+        base = {b: (parent_speed[b] + again[b]) / 2 for b in args.batches}
+        parent_speed = again
+        r["decode_tok_s"] = spd
+        r["measured_speedup"] = {str(b): spd[b] / base[b] for b in args.batches}
+        del child
+    results["parent"]["speed"] = parent_speed
+    _write(args, results)
+    rows = results["rows"]
+    _print(rows, results["parent"]["accuracy"], parent_speed, args)
+    _plots(rows, results["parent"]["accuracy"], args)
+    print("\nwall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["stage_seconds"].items()))
+
+
+def _counts(sol) -> list[tuple[str, int]]:
+    from collections import Counter
+
+    c = Counter(f"{a.key}+{f.key}" for a, f in sol.layers)
+    return c.most_common()
+
+
+def _print(rows, parent_acc, parent_speed, args) -> None:
+    b = args.batches
+    tasks = ", ".join(f"{t} {100 * v['acc']:.1f}" for t, v in parent_acc["tasks"].items())
+    print(f"\nparent: average accuracy {100 * parent_acc['average']:.1f} ± {100 * parent_acc['average_stderr']:.1f} "
+          f"({tasks}); decode " + ", ".join(f"{parent_speed[x]:.1f} tok/s at batch {x}" for x in b))
+    head = " | ".join(f"measured x (b={x})" for x in b)
+    print(f"\n| target | method | shape | predicted x | {head} | KLD before | KLD after ± se | avg acc ± se | preserved |")
+    print("|---:|---|---|---:|" + "---:|" * len(b) + "---:|---:|---:|---:|")
+    for r in rows:
+        ms = " | ".join(f"{r['measured_speedup'][str(x)]:.2f}" for x in b)
+        a = r["accuracy"]
+        print(f"| {r['target']:.2f}x | {r['method']} | {r['shape']} | {r['predicted_speedup']:.2f} | {ms} | "
+              f"{r['kld_before']:.3f} | {r['kld']:.3f} ± {r['kld_stderr']:.3f} | "
+              f"{100 * a['average']:.1f} ± {100 * a['average_stderr']:.1f} | "
+              f"{100 * r['preserved']:.1f}% |")
+
+
+def _plots(rows, parent_acc, args) -> None:
+    from tessera.plots import plot_frontier
+
+    kind = {"puzzle": "child", "minitron": "baseline", "shortgpt": "baseline"}
+    b = str(args.batches[0])
+    pts = [{"name": "parent", "throughput": 1.0, "quality": 100.0, "kind": "parent"}]
+    pts += [{"name": f"{r['method']} {r['target']}x", "throughput": r["measured_speedup"][b],
+             "quality": 100 * r["preserved"], "kind": kind[r["method"]]} for r in rows]
+    plot_frontier(pts, args.out / "frontier_accuracy.png", throughput_label=f"measured CPU decode speed-up (batch {b})",
+                  title="Puzzle vs Minitron vs ShortGPT (default parent)")
+    pts = [{"name": "parent", "throughput": 1.0, "quality": 0.0, "kind": "parent"}]
+    pts += [{"name": f"{r['method']} {r['target']}x", "throughput": r["measured_speedup"][b], "quality": -r["kld"],
+             "kind": kind[r["method"]]} for r in rows]
+    plot_frontier(pts, args.out / "frontier_kld.png", quality_label="- KLD to the parent (nats/token)",
+                  throughput_label=f"measured CPU decode speed-up (batch {b})",
+                  title="Puzzle vs Minitron vs ShortGPT (default parent)")
+
+
+if __name__ == "__main__":
+    main()
