@@ -8,7 +8,8 @@ calibration split, the width/depth choice on the selection split, the reported K
 
     .venv/bin/python benchmarks/minitron.py [--fraction 0.6] [--tokens 32768] [--limit 100] [--out DIR]
 
-`--limit 0` skips the accuracy tasks (KLD only), for a quick run on a busy machine.
+`--limit 0` skips the accuracy tasks (KLD only) and `--tokens 0` the distillation, for a quick run on a busy
+machine; every method's before-distillation row is printed before any distillation starts.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ TASKS = ["arc_easy", "winogrande", "lambada"]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--fraction", type=float, default=0.6, help="of the parent's non-embedding parameters")
-    ap.add_argument("--tokens", type=int, default=32768, help="distillation budget per student")
+    ap.add_argument("--tokens", type=int, default=32768, help="distillation budget per student (0: none)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -87,11 +88,19 @@ def main() -> None:
     cfg = DistillConfig(tokens=args.tokens, seq_len=args.seq_len, batch=args.batch, lr=args.lr, warmup_steps=2,
                         eval_every=10**9, ckpt_every=10**9)
     rows = []
-    for name, student in students.items():
+    for name, student in students.items():  # before distillation, every method first (printed as measured)
         frac = student.arch.non_embedding_params() / parent.arch.non_embedding_params()
         before_kld = mean_kld(parent, student, held.chunks, parent_logits=parent_ref).kld
         before = accuracy_preserved(evaluate_tasks(student, TASKS, limit=args.limit, progress=False, use_cache=False),
                                     parent_acc)["average"]["preserved"] if accuracy else float("nan")
+        rows.append({"method": name, "non_embedding_fraction": frac, "kld_before": before_kld, "kld_after": float("nan"),
+                     "preserved_before": before, "preserved_after": float("nan"), "distill_seconds": 0.0,
+                     "per_task_after": []})
+        print(f"{name:>22}: {frac:.1%} params, before distillation KLD {before_kld:.3f}, accuracy preserved "
+              f"{before:.1%}", flush=True)
+    for row, (name, student) in zip(rows, students.items()):
+        if not args.tokens:
+            break
         t0 = time.perf_counter()
         student, log = distill(parent, student, train, cfg, progress=False)
         secs = time.perf_counter() - t0
@@ -100,11 +109,11 @@ def main() -> None:
         if accuracy:
             after_acc = evaluate_tasks(student, TASKS, limit=args.limit, progress=False, use_cache=False)
             table = accuracy_preserved(after_acc, parent_acc)
-        rows.append({"method": name, "non_embedding_fraction": frac, "kld_before": before_kld, "kld_after": after_kld,
-                     "preserved_before": before, "preserved_after": table["average"]["preserved"],
-                     "distill_seconds": secs, "per_task_after": table["rows"]})
-        print(f"{name:>22}: {frac:.1%} params, KLD {before_kld:.3f} -> {after_kld:.3f}, accuracy preserved "
-              f"{before:.1%} -> {table['average']['preserved']:.1%} ({secs:.0f} s distillation)", flush=True)
+        row |= {"kld_after": after_kld, "preserved_after": table["average"]["preserved"], "distill_seconds": secs,
+                "per_task_after": table["rows"]}
+        print(f"{name:>22}: KLD {row['kld_before']:.3f} -> {after_kld:.3f}, accuracy preserved "
+              f"{row['preserved_before']:.1%} -> {table['average']['preserved']:.1%} ({secs:.0f} s distillation)",
+              flush=True)
         if args.out:
             tessera.save(student, args.out / name.split()[0], force=True)
     shown = (("arc_easy", "acc_norm"), ("winogrande", "acc"), ("lambada", "acc"))
