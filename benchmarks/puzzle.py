@@ -271,24 +271,36 @@ def build(args) -> None:
 
 
 def measure(args) -> None:
-    """Decode tokens/s of the parent and each saved child at every batch size; speed-up = child / parent."""
+    """Decode tokens/s of each saved child and of the parent right before and after it, at every batch size;
+    speed-up = child / mean of the two parent runs. Kept in measure.json (children already measured are skipped, so
+    this can run while `build` is still adding children); prints the tables and plots for the measured ones."""
     results = _results(args)
+    file = args.out / "measure.json"
+    measured = json.loads(file.read_text()) if file.is_file() else {}
     scenario = Scenario.parse(args.scenario)
-    parent = tessera.load("default")
-    parent_speed = timed("speed", lambda: speed(parent, scenario, args.batches, args.reps))
-    for r in results["rows"]:
-        child = tessera.load(r["path"])
-        spd = timed("speed", lambda c=child: speed(c, scenario, args.batches, args.reps))
-        again = speed(parent, scenario, args.batches, args.reps)  # the parent again: load drifts on a shared machine
-        base = {b: (parent_speed[b] + again[b]) / 2 for b in args.batches}
-        parent_speed = again
-        r["decode_tok_s"] = spd
-        r["measured_speedup"] = {str(b): spd[b] / base[b] for b in args.batches}
-        del child
-    results["parent"]["speed"] = parent_speed
-    _write(args, results)
-    rows = results["rows"]
-    _print(rows, results["parent"]["accuracy"], parent_speed, args)
+    todo = [r for r in results["rows"] if r["path"] not in measured]
+    if todo:
+        parent = tessera.load("default")
+        parent_speed = timed("speed", lambda: speed(parent, scenario, args.batches, args.reps))
+        for r in todo:
+            child = tessera.load(r["path"])
+            spd = timed("speed", lambda c=child: speed(c, scenario, args.batches, args.reps))
+            again = speed(parent, scenario, args.batches, args.reps)  # load drifts on a shared machine
+            base = {b: (parent_speed[b] + again[b]) / 2 for b in args.batches}
+            measured[r["path"]] = {"decode_tok_s": {str(b): spd[b] for b in args.batches},
+                                   "parent_decode_tok_s": {str(b): base[b] for b in args.batches},
+                                   "measured_speedup": {str(b): spd[b] / base[b] for b in args.batches}}
+            parent_speed = again
+            tmp = args.out / ".measure.json.tmp"
+            tmp.write_text(json.dumps(measured, indent=1))
+            tmp.replace(file)
+            print(json.dumps({"child": r["path"], **measured[r["path"]]}), flush=True)
+            del child
+    rows = [{**r, **measured[r["path"]]} for r in results["rows"] if r["path"] in measured]
+    if not rows:
+        return
+    last = measured[rows[-1]["path"]]["parent_decode_tok_s"]
+    _print(rows, results["parent"]["accuracy"], {b: last[str(b)] for b in args.batches}, args)
     _plots(rows, results["parent"]["accuracy"], args)
     print("\nwall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["stage_seconds"].items()))
 
