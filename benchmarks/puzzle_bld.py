@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--library-chunks", type=int, default=32)
     ap.add_argument("--bld-tokens", type=int, default=16384)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch", type=int, default=8, help="BLD sequences per step")
     ap.add_argument("--heldout-chunks", type=int, default=8)
     ap.add_argument("--score-chunks", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
@@ -59,7 +60,7 @@ def main() -> None:
           "to train")
 
     before = normalised_mse(lib, parent, reporting.chunks, trained=False, layers=layers)
-    cfg = BLDConfig(tokens=args.bld_tokens, batch=8, lr=args.lr, warmup_steps=2)
+    cfg = BLDConfig(tokens=args.bld_tokens, batch=args.batch, lr=args.lr, warmup_steps=2)
     t = time.perf_counter()
     report = run_bld(lib, parent, calib, cfg, layers=layers, progress=False)
     times["bld"] = time.perf_counter() - t
