@@ -92,10 +92,11 @@ def test_auto_batch_fits_and_beats_batch_one():
 def test_impossible_scenario_says_the_numbers():
     llama_70b = ArchSpec.llama(vocab_size=128256, hidden_size=8192, num_layers=80, num_attention_heads=64,
                                num_kv_heads=8, intermediate_size=28672)
-    usable = f"{80 * 2**30 * engine_profile(H100).usable_mem / 1e9:.1f}"
+    usable = f"{engine_profile(H100).memory_budget(80 * 2**30, 141.1e9) / 1e9:.1f}"
     with pytest.raises(TesseraError, match=rf"does not fit: 141\.1 GB of bf16 weights per GPU vs {usable} GB usable"):
         predict(llama_70b, H100, Scenario(128, 128))
     assert predict(llama_70b, H100, Scenario(128, 128), tp=2).batch >= 1
+    usable = f"{engine_profile(H100).memory_budget(80 * 2**30, weight_bytes(LLAMA_8B, 'bf16')) / 1e9:.1f}"
     with pytest.raises(TesseraError, match=rf"KV cache per GPU > {usable} GB usable"):
         predict(LLAMA_8B, H100, Scenario(128, 1024), batch=100_000)
 
@@ -254,7 +255,7 @@ def test_engine_profiles_are_data_for_every_gpu():
     for name, e in profiles.items():
         fr = [f for _, f in e.flop_fraction]
         assert fr == sorted(fr) and 0 < fr[0] and fr[-1] <= 1
-        assert e.source and e.max_batch >= 1 and 0.5 < e.usable_mem <= 1
+        assert e.source and e.max_batch >= 1 and 0.5 < e.memory_budget(80e9, 10e9) / 80e9 <= 1
         assert engine_profile(GPUS[name]) == e
     h = profiles["h100"]
     assert h.flops_at(1e9) == h.flop_fraction[-1][1] and h.flops_at(0.5) == h.flop_fraction[0][1]

@@ -293,8 +293,9 @@ def test_llamacpp_exclusion_removes_no_op_ffn_beside_attention():
     scores = {(i, v.key): (0.0 if v in (ATT[1], FFN[0]) else 0.5 if v.part == "attention" else 0.01)
               for i in range(4) for v in [*ATT, *FFN]}
     scores.update({(i, FFN[5].key): 0.001 for i in range(4)})
-    # halfway to the most any child reaches (every layer empty): the engine's per-step overhead bounds a toy model
-    bound = 1 + 0.5 * (table.parent.decode_s[0] / table.fixed.decode_s[0] - 1)
+    # 1.3x, or halfway to the most any child reaches (every layer empty) when an engine's per-step overhead
+    # bounds what a toy model can gain
+    bound = min(1.3, 1 + 0.5 * (table.parent.decode_s[0] / table.fixed.decode_s[0] - 1))
     cons = [Constraint("speedup", bound, phase="decode")]
     (free,) = solve(scores, table, cons)
     assert any(not f.has_weights and a.has_weights for a, f in free.layers)

@@ -133,9 +133,10 @@ def block_cost(arch: ArchSpec, block: BlockSpec, hw: Hardware, scenario: Scenari
             kv_gpu = 2 * _kv_heads_per_gpu(kv_heads, tp) * arch.head_dim * kvb
             a_pre = 2 * 2 * (qdim / tp) * S * S / 2 * batch
             w_kv = batch * S * kv_gpu  # prefill writes the cache
-            prefill += float(_roofline(pre, a_pre, w_kv, peak * eng.flops_at(m_pre), bw * eng.bw_at(w_kv), "kv"))
+            prefill += float(_roofline(pre, a_pre, w_kv, peak * eng.flops_at(m_pre), bw * eng.kv_bw_at(w_kv), "kv"))
             a_dec, r_kv = 4 * (qdim / tp) * ctx * batch, batch * ctx * kv_gpu
-            decode += float(np.sum(_roofline(dec, a_dec, r_kv, peak * eng.flops_at(m_dec), bw * eng.bw_at(r_kv), "kv")))
+            decode += float(np.sum(_roofline(dec, a_dec, r_kv, peak * eng.flops_at(m_dec), bw * eng.kv_bw_at(r_kv),
+                                             "kv")))
             pre["kv_bytes"] += w_kv
             dec["kv_bytes"] += float(np.sum(r_kv))
             pre["flop_count"] += a_pre
@@ -292,8 +293,8 @@ def batch_limits(arch: ArchSpec, hw: Hardware, scenario: Scenario, dtype: str = 
     `engine` (its batch limit) and `cap` (the search cap). Raises when the weights alone do not fit."""
     eng = engine or engine_profile(hw)
     kv_dtype = kv_dtype or default_kv_dtype(dtype)
-    budget = hw.mem_bytes * eng.usable_mem
     weights = weight_bytes_per_gpu(arch, dtype, tp)
+    budget = eng.memory_budget(hw.mem_bytes, weights)
     per_seq = kv_bytes_per_sequence(arch, scenario, kv_dtype, tp)
     if weights >= budget:
         raise TesseraError(
@@ -358,7 +359,8 @@ def _predict(arch: ArchSpec, hw: Hardware, scenario: Scenario, dtype: str, batch
     total = prefill + decode
     out_tokens = batch * scenario.output_len
     return Prediction(hw.name, str(scenario), dtype, batch, tp, weight_bytes(arch, dtype),
-                      batch * kv_bytes_per_sequence(arch, scenario, kv_dtype), hw.mem_bytes * eng.usable_mem,
+                      batch * kv_bytes_per_sequence(arch, scenario, kv_dtype),
+                      eng.memory_budget(hw.mem_bytes, weight_bytes_per_gpu(arch, dtype, tp)),
                       prefill, decode, total, out_tokens / total / tp, out_tokens / decode / tp,
                       batch * scenario.input_len / prefill / tp, kv_dtype, eng.name,
                       weight_bytes_per_gpu(arch, dtype, tp), batch * kv_bytes_per_sequence(arch, scenario, kv_dtype, tp),
@@ -374,7 +376,7 @@ def _no_room(arch, hw, scenario, dtype, tp, kv_dtype, eng, batch: int = 1) -> st
     w = weight_bytes_per_gpu(arch, dtype, tp)
     kv = kv_bytes_per_sequence(arch, scenario, kv_dtype, tp)
     return (f"scenario {scenario} does not fit on {hw.name}: {w / 1e9:.1f} GB weights + {batch} x {kv / 1e9:.2f} GB "
-            f"{kv_dtype} KV cache per GPU > {hw.mem_bytes * eng.usable_mem / 1e9:.1f} GB usable; lower the batch, "
+            f"{kv_dtype} KV cache per GPU > {eng.memory_budget(hw.mem_bytes, w) / 1e9:.1f} GB usable; lower the batch, "
             "add GPUs (--tp), use --kv-dtype fp8 or shorten the scenario")
 
 

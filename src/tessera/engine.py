@@ -6,9 +6,13 @@ The roofline in `tessera.cost` needs the few numbers a datasheet cannot give:
   a decode step of batch 8 runs its matrices far below peak, a 16k-token prefill close to the engine's best;
 * `bw_fraction`: achievable fraction of memory bandwidth as a function of the bytes one matrix occupies on
   one GPU (small matrices, as tensor parallelism makes them, stream less efficiently);
+* `kv_bw_fraction`: the same for attention's KV-cache reads, as a function of the bytes one decode step reads
+  on one GPU (paged, per-sequence reads: empty means `bw_fraction`);
 * `step_overhead_s`: fixed cost of one engine iteration (scheduling, sampling, host work);
 * `op_overhead_s` and `ops`: per-kernel launch cost and kernels per sub-block (eager CPU engines run many ops);
-* `usable_mem`: fraction of the GPU's memory the engine gives to weights + KV cache;
+* memory: either `usable_mem`, the fraction of the GPU's memory the engine gives to weights + KV cache, or
+  (`kv_free_fraction` > 0) TensorRT-LLM's rule: the KV cache gets `kv_free_fraction` of what is left after
+  the weights and `reserved_bytes` of activations and runtime;
 * `max_batch`: the engine's batch limit (requests in flight);
 * `act_bytes`: bytes per activation element in tensor-parallel all-reduces.
 
@@ -54,16 +58,21 @@ class EngineProfile:
     act_bytes: float = 2.0
     ops: str = "gpu"  # key into OPS
     source: str = field(default="", compare=False)
+    kv_bw_fraction: tuple[tuple[float, float], ...] = ()  # (KV bytes one decode step reads on one GPU, fraction)
+    kv_free_fraction: float = 0.0  # > 0: KV cache = this x (capacity - weights - reserved_bytes)
+    reserved_bytes: float = 0.0
 
     def __post_init__(self):
-        for what, table in (("flop_fraction", self.flop_fraction), ("bw_fraction", self.bw_fraction)):
+        for what, table in (("flop_fraction", self.flop_fraction), ("bw_fraction", self.bw_fraction),
+                            ("kv_bw_fraction", self.kv_bw_fraction)):
             table = tuple(sorted((float(x), float(y)) for x, y in table))
-            if not table or any(x <= 0 or not 0 < y <= 1 for x, y in table):
+            if (not table and what != "kv_bw_fraction") or any(x <= 0 or not 0 < y <= 1 for x, y in table):
                 raise TesseraError(f"engine profile {self.name}: {what} needs (x > 0, 0 < fraction <= 1) points")
             object.__setattr__(self, what, table)
-        if not 0 < self.usable_mem <= 1 or self.max_batch < 1 or self.ops not in OPS:
-            raise TesseraError(f"engine profile {self.name}: usable_mem must be in (0, 1], max_batch >= 1, "
-                               f"ops one of {', '.join(OPS)}")
+        if (not 0 < self.usable_mem <= 1 or not 0 <= self.kv_free_fraction <= 1 or self.reserved_bytes < 0
+                or self.max_batch < 1 or self.ops not in OPS):
+            raise TesseraError(f"engine profile {self.name}: usable_mem and kv_free_fraction must be fractions, "
+                               f"reserved_bytes >= 0, max_batch >= 1, ops one of {', '.join(OPS)}")
 
     def flops_at(self, m: float) -> float:
         """Achievable fraction of peak FLOP/s for a GEMM over `m` tokens."""
@@ -73,6 +82,18 @@ class EngineProfile:
         """Achievable fraction of memory bandwidth when streaming a matrix of `matrix_bytes` (one GPU's shard)."""
         return _interp(self.bw_fraction, matrix_bytes)
 
+    def kv_bw_at(self, step_bytes):
+        """Achievable fraction of memory bandwidth for attention reading `step_bytes` of KV cache in one step."""
+        return _interp(self.kv_bw_fraction or self.bw_fraction, step_bytes)
+
+    def memory_budget(self, capacity: float, weights: float) -> float:
+        """Bytes one GPU of `capacity` gives to weights + KV cache when it holds `weights` of weights; below
+        `weights` when they do not fit."""
+        if self.kv_free_fraction <= 0:
+            return capacity * self.usable_mem
+        free = capacity - self.reserved_bytes - weights
+        return weights + self.kv_free_fraction * free if free > 0 else capacity - self.reserved_bytes
+
     def op_count(self, kind: str) -> int:
         return OPS[self.ops][kind]
 
@@ -80,12 +101,14 @@ class EngineProfile:
         return {"name": self.name, "flop_fraction": [list(p) for p in self.flop_fraction],
                 "bw_fraction": [list(p) for p in self.bw_fraction], "step_overhead_s": self.step_overhead_s,
                 "op_overhead_s": self.op_overhead_s, "usable_mem": self.usable_mem, "max_batch": self.max_batch,
-                "act_bytes": self.act_bytes, "ops": self.ops, "source": self.source}
+                "act_bytes": self.act_bytes, "ops": self.ops, "source": self.source,
+                "kv_bw_fraction": [list(p) for p in self.kv_bw_fraction], "kv_free_fraction": self.kv_free_fraction,
+                "reserved_bytes": self.reserved_bytes}
 
     @staticmethod
     def from_dict(d: dict[str, Any], name: str = "") -> EngineProfile:
         keys = ("flop_fraction", "bw_fraction", "step_overhead_s", "op_overhead_s", "usable_mem", "max_batch",
-                "act_bytes", "ops", "source")
+                "act_bytes", "ops", "source", "kv_bw_fraction", "kv_free_fraction", "reserved_bytes")
         try:
             return EngineProfile(d.get("name", name), **{k: d[k] for k in keys if k in d})
         except TypeError as exc:
