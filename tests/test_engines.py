@@ -37,6 +37,7 @@ c = AutoConfig.from_pretrained(d, trust_remote_code=True)
 assert type(c).__name__ == "DeciLMConfig" and "tessera" not in sys.modules, type(c)
 blocks = [{part: {k: getattr(getattr(b, part), k) for k in sorted(getattr(b, part))} for part in ("attention", "ffn")}
           for b in c.block_configs]
+assert not hasattr(c.block_configs[0].ffn, "hidden_act")  # unset stays unset: vLLM then takes config.hidden_act
 c.save_pretrained(again)
 c2 = AutoConfig.from_pretrained(again, trust_remote_code=True)
 print(json.dumps({"blocks": blocks, "intermediate_size": c.intermediate_size,
@@ -48,6 +49,7 @@ def test_config_shim_round_trips_through_autoconfig_with_remote_code(tmp_path):
     """vLLM's path: transformers alone (no tessera import), trust_remote_code=True, attribute access to every
     field of every block; saved again by transformers, tessera reads back the same architecture."""
     import json
+    import os
     import subprocess
     import sys
 
@@ -60,8 +62,10 @@ def test_config_shim_round_trips_through_autoconfig_with_remote_code(tmp_path):
     cfg = json.loads((tmp_path / "child" / "config.json").read_text())
     assert cfg["auto_map"] == {"AutoConfig": "configuration_decilm.DeciLMConfig"}
     assert (tmp_path / "child" / "configuration_decilm.py").is_file()
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}  # remote code copied here, not shared
     done = subprocess.run([sys.executable, "-c", _SHIM_CHECK, tmp_path / "child", tmp_path / "again"],
-                          capture_output=True, text=True, check=True)
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.splitlines()[-1])
     assert out["blocks"] == cfg["block_configs"]  # every field, read as an attribute
     assert out["intermediate_size"] is None and out["num_key_value_heads"] is None

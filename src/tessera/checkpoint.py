@@ -212,11 +212,18 @@ def load_tokenizer(path: Path):
     """The tokenizer saved beside the weights, or None. Never runs code from the directory."""
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - report, the weights are still usable
+        # AutoTokenizer also validates config.json, which transformers' LlamaConfig refuses for a child whose
+        # hidden size is no longer a multiple of its heads (head_dim is explicit); tokenizer.json alone suffices.
+        if (path / "tokenizer.json").is_file():
+            try:
+                return PreTrainedTokenizerFast.from_pretrained(str(path))
+            except Exception:  # noqa: BLE001 - report the first error
+                pass
         raise TesseraError(f"{path}: tokenizer files cannot be loaded ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}); fix or remove them") from None
 

@@ -12,12 +12,13 @@ from transformers import PretrainedConfig
 
 
 class _Fields(dict):
-    """A dict whose keys are also attributes; a missing key reads as None (an absent flag is unset)."""
+    """A dict whose keys are also attributes. A missing key is a missing attribute, so `hasattr` tells what the
+    config sets (vLLM falls back to the model's `hidden_act` when a block has none)."""
 
     def __getattr__(self, name):
-        if name.startswith("__"):
+        if name not in self:
             raise AttributeError(name)
-        value = self.get(name)
+        value = self[name]
         return _Fields(value) if isinstance(value, dict) and not isinstance(value, _Fields) else value
 
     def __setattr__(self, name, value):
