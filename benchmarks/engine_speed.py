@@ -40,7 +40,8 @@ def engine_run(engine: str, model: Path, request: dict, threads: int) -> dict | 
     if done.returncode != 0:
         print(f"{engine} on {model} failed:\n{done.stderr[-2000:]}", file=sys.stderr)
         return None
-    return json.loads(done.stdout.strip().splitlines()[-1]).get("bench")
+    line = next((ln for ln in reversed(done.stdout.splitlines()) if ln.startswith('{"tokens"')), None)
+    return json.loads(line).get("bench") if line else None
 
 
 def main() -> None:

@@ -71,7 +71,10 @@ def run_engine(engine: str, model: Path, request: dict, tmp_path: Path) -> dict:
     done = subprocess.run([str(_venv(engine)), str(ROOT / "scripts" / "engines" / f"{engine}_greedy.py"), str(model),
                            str(req)], capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, f"{engine} failed on {model}:\n{done.stderr[-3000:]}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # vLLM prints shutdown warnings on stdout after the result: take the result's own line
+    line = next((ln for ln in reversed(done.stdout.splitlines()) if ln.startswith('{"tokens"')), None)
+    assert line is not None, f"{engine} printed no result on {model}:\n{done.stdout[-2000:]}"
+    return json.loads(line)
 
 
 def _first_difference(a: list[int], b: list[int]) -> str:
