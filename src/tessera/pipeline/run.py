@@ -372,7 +372,7 @@ def stage_bench(ctx: Context) -> dict:
 
 
 def size_deployment(arch, cfg) -> dict:
-    """The fewest GPUs (then the highest throughput) among dtypes x TP sizes <= max_gpus that serve
+    """The fewest GPUs (then the highest throughput) among dtypes x TP sizes 1..max_gpus that serve
     `min_tokens_per_s` output tokens/s in every scenario; one line with the best found when none does."""
     from tessera.cost import Scenario, predict
     from tessera.hardware import get_hardware
@@ -380,8 +380,7 @@ def size_deployment(arch, cfg) -> dict:
     hw = get_hardware(cfg.gpu)
     options, best = [], None
     for dtype in cfg.dtypes:
-        tp = 1
-        while tp <= cfg.max_gpus:
+        for tp in range(1, cfg.max_gpus + 1):  # TP sizes the cost model refuses (heads not divisible) are skipped
             per = {}
             for s in cfg.scenarios:
                 try:
@@ -397,7 +396,6 @@ def size_deployment(arch, cfg) -> dict:
                 options.append(option)
                 if best is None or worst > best["worst_tokens_per_s"]:
                     best = option
-            tp *= 2
     meeting = [o for o in options if o["meets"]]
     if not meeting:
         if best is None:
