@@ -233,6 +233,73 @@ def test_cli_importance_and_prune_stream_on_equal_off(saved, tmp_path):
     assert_one_line_error(r, "--target-params")
 
 
+def test_prune_to_writes_the_requested_dtype(saved, tmp_path):
+    """A bf16 parent computed in fp32 (a CPU) and pruned streaming can be written in bf16: the fp32 child cast."""
+    from tessera.importance import random_importance
+    from tessera.prune import PruneTarget, prune, prune_to
+
+    streamed = open_streamed(saved / "bf16", dtype=torch.float32)
+    imp = random_importance(streamed)
+    imp.meta["fingerprint"] = tessera.fingerprint(streamed)
+    t = PruneTarget(ffn=40, hidden=24, kv_heads=1)
+    prune_to(streamed, imp, t, tmp_path / "c", dtype=torch.bfloat16)
+    got = tessera.load(tmp_path / "c")
+    want = prune(tessera.load(saved / "bf16", dtype=torch.float32), imp, t)
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert got.dtype == torch.bfloat16 and config["torch_dtype"] == "bfloat16"
+    for k, v in want.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v.to(torch.bfloat16)), k
+
+
+def test_fingerprint_of_a_streamed_model_is_hashed_once(saved, monkeypatch):
+    streamed = open_streamed(saved / "bf16")
+    first = tessera.fingerprint(streamed)
+    assert first == tessera.fingerprint(tessera.load(saved / "bf16"))
+    monkeypatch.setattr(streamed.streamed, "named_tensors", lambda: pytest.fail("the weights were hashed again"))
+    assert tessera.fingerprint(streamed) == first == streamed.streamed.fingerprint()
+
+
+def test_tensor_reads_one_weight_of_a_streamed_model(saved):
+    from tessera.stream.model import tensor
+
+    loaded, streamed = tessera.load(saved / "bf16"), open_streamed(saved / "bf16")
+    for name in ("model.layers.2.mlp.down_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(tensor(streamed, name), loaded.state_dict()[name]) and tensor(loaded, name) is not None
+    assert streamed.streamed.loads == 0 and all(p.is_meta for p in streamed.model.layers.parameters())
+
+
+def test_puzzle_calibration_streamed_equals_in_memory(saved):
+    """The Puzzle library's calibration (FFN channel contributions, linear-FFN fits, head importance) of a streamed
+    parent equals the parent's loaded whole."""
+    from tessera.puzzle.library import calibrate
+
+    chunks = torch.randint(0, 96, (5, 12), generator=torch.Generator().manual_seed(9))
+    want = calibrate(tessera.load(saved / "fp32"), chunks, batch_size=2)
+    got = calibrate(open_streamed(saved / "fp32"), chunks, batch_size=2)
+    assert set(got) == set(want) and {k.split(".")[0] for k in want} >= {"ffn_contribution", "linear_ffn"}
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_scale_benchmark_builds_a_streamable_parent_and_measures_a_child(tmp_path):
+    """benchmarks/scale.py (not run in CI): its parent is written tensor by tensor in the asked shape and opens
+    streamed; a stage's peak RSS is the child process's own."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import scale
+
+    scale.build(tmp_path / "p", "tiny", max_shard_bytes=2_000_000, tokenizer=tiny_tokenizer())
+    m = open_streamed(tmp_path / "p")
+    assert m.dtype == torch.bfloat16 and m.arch.hidden_size == scale.SHAPES["tiny"]["hidden_size"]
+    assert len(list((tmp_path / "p").glob("*.safetensors"))) > 1
+    big = scale.SHAPES["8b"]
+    assert (big["hidden_size"], big["num_layers"], big["intermediate_size"], big["vocab_size"]) == (4096, 32, 14336, 128256)
+    row = scale.run_stage("alloc", [sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
+                          dict(__import__("os").environ))
+    assert row["exit"] == 0 and 0.29 < row["peak_rss_gib"] < 2
+
+
 # ---------------------------------------------------------------------------- broken checkpoints
 def test_truncated_shard_is_one_line(saved):
     shard = sorted((saved / "bf16").glob("model-*.safetensors"))[1]

@@ -393,12 +393,18 @@ def _natural_key(name: str):
 
 
 def fingerprint(model: Transformer) -> str:
-    """A content hash of architecture and weights: a cache key for evaluation results."""
+    """A content hash of architecture and weights: a cache key for evaluation results. A streamed model's
+    (`tessera.stream`: its weights read from disk one tensor at a time) is computed once and kept."""
+    streamed = getattr(model, "streamed", None)
+    if streamed is not None and streamed.cached_fingerprint is not None:
+        return streamed.cached_fingerprint
     h = hashlib.sha256(json.dumps(to_hf_config(model.arch), sort_keys=True).encode())
-    streamed = getattr(model, "streamed", None)  # tessera.stream: layers read from disk one tensor at a time
     for name, tensor in (streamed.named_tensors() if streamed is not None else sorted(model.state_dict().items())):
         h.update(name.encode())
         h.update(str(tensor.dtype).encode())
-        t = tensor.detach().contiguous().cpu()
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
-    return h.hexdigest()[:16]
+        t = tensor.detach().contiguous().cpu().reshape(-1)
+        h.update(memoryview(t.view(torch.uint8).numpy() if t.dtype == torch.bfloat16 else t.numpy()).cast("B"))
+    digest = h.hexdigest()[:16]
+    if streamed is not None:
+        streamed.cached_fingerprint = digest
+    return digest

@@ -337,7 +337,8 @@ def pruned_tensors(model: Transformer, imp: Importance, target: PruneTarget, *, 
         return _Work(state=state, blocks=list(arch.blocks), source_layer=list(range(arch.num_layers)),
                      n_heads=arch.num_attention_heads)
 
-    resident = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
+    resident = {k: v.detach() for k, v in model.state_dict().items() if not k.startswith("model.layers.")}
+    parent_storage = {v.data_ptr() for v in resident.values()}  # tensors no step changed are copied when yielded
     if arch.tie_word_embeddings:
         resident.pop("lm_head.weight", None)
     outer = work(resident)  # validates the whole target and gives the child's specs before any layer is read
@@ -349,13 +350,17 @@ def pruned_tensors(model: Transformer, imp: Importance, target: PruneTarget, *, 
     def pieces() -> Iterator[tuple[str, torch.Tensor]]:
         from tessera.stream.writer import save_order
 
-        head = [n for n in save_order(outer.state) if n < "model.layers."]
-        yield from ((n, outer.state[n]) for n in head)
+        def own(n: str) -> torch.Tensor:
+            t = outer.state[n]
+            return t.clone() if t.data_ptr() in parent_storage else t
+
+        head = [n for n in save_order(outer.state) if n < "model.layers."]  # lm_head, embed_tokens; norm after
+        yield from ((n, own(n)) for n in head)
         for src in plan.source_layer:
             piece = work(_layer_tensors(model, src))
             _run_steps(piece, model, imp, target)
             yield from ((n, piece.state[n]) for n in save_order(piece.state))
-        yield from ((n, outer.state[n]) for n in save_order(outer.state) if n not in head)
+        yield from ((n, own(n)) for n in save_order(outer.state) if n not in head)
 
     return plan, pieces()
 
@@ -381,11 +386,12 @@ def prune(model: Transformer, imp: Importance, target: PruneTarget, *, check: bo
 
 
 def prune_to(model: Transformer, imp: Importance, target: PruneTarget, out: str | os.PathLike, *, check: bool = True,
-             force: bool = False, max_shard_bytes: int | None = None, extra: dict | None = None,
-             engine: str | None = None) -> PrunePlan:
+             force: bool = False, dtype: torch.dtype | None = None, max_shard_bytes: int | None = None,
+             extra: dict | None = None, engine: str | None = None) -> PrunePlan:
     """Prune and write the child to `out` layer by layer and shard by shard (`tessera.stream.checkpoint_writer`):
     memory holds the parent's resident tensors, one parent layer and one shard. The directory is what
-    `tessera.save(prune(...))` writes, byte for byte; `extra` adds fields to the provenance record."""
+    `tessera.save(prune(...))` writes, byte for byte; `dtype` stores the child in another dtype than the model's
+    (a bf16 parent computed in fp32 on a CPU, saved bf16); `extra` adds fields to the provenance record."""
     from tessera.checkpoint import MAX_SHARD_BYTES
     from tessera.stream import checkpoint_writer
 
@@ -393,10 +399,11 @@ def prune_to(model: Transformer, imp: Importance, target: PruneTarget, out: str 
     plan, tensors = pruned_tensors(model, imp, target, check=check, engine=engine)
     history = _record(model, imp, target, plan, engine)
     history[-1].update(extra or {})
-    with checkpoint_writer(out, plan.arch, dtype=model.dtype, provenance=history, tokenizer=model.tokenizer,
+    dtype = dtype or model.dtype
+    with checkpoint_writer(out, plan.arch, dtype=dtype, provenance=history, tokenizer=model.tokenizer,
                            force=force, max_shard_bytes=max_shard_bytes or MAX_SHARD_BYTES) as writer:
         for name, t in tensors:
-            writer.add(name, t)
+            writer.add(name, t.to(dtype))
     return plan
 
 

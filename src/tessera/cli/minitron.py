@@ -145,6 +145,8 @@ def prune_cmd(model: str = typer.Argument(...), out: Path = typer.Option(..., "-
                                                help="chunks for the drop-one-layer/head scores (a forward each)"),
               device: str = typer.Option("auto", help=DEVICE_HELP), dtype: str = typer.Option(None, help=DTYPE_HELP),
               stream: str = typer.Option("auto", "--stream", help=STREAM_HELP),
+              save_dtype: str = typer.Option(None, "--save-dtype",
+                                             help="dtype the child is written in: fp32 | bf16 | fp16 (default: --dtype)"),
               force: bool = typer.Option(False, "--force"), as_json: bool = typer.Option(False, "--json")):
     """Prune heads, KV heads, MLP neurons, embedding channels and/or layers; writes a loadable checkpoint (layer by
     layer, shard by shard: a streamed parent's child is never whole in memory)."""
@@ -178,7 +180,9 @@ def prune_cmd(model: str = typer.Argument(...), out: Path = typer.Option(..., "-
         target = PruneTarget(hidden=hidden, ffn=_ffn_arg(ffn), heads=heads, kv_heads=kv_heads,
                              drop_layers=_layer_list(drop_layers) if drop_layers else (), layers=layers,
                              layer_metric=layer_metric, head_metric=head_metric)
-    plan = prune_to(m, imp, target, out, check=False, force=force,
+    from tessera.devices import torch_dtype
+
+    plan = prune_to(m, imp, target, out, check=False, force=force, dtype=torch_dtype(save_dtype) if save_dtype else None,
                     extra={"search": search.as_dict()} if search is not None else None, engine=engine)
     child = plan.arch
     warn_engines(child, str(out))

@@ -331,10 +331,12 @@ def calibrate(parent: Transformer, chunks: torch.Tensor, *, batch_size: int = 8)
     fits = _LinearFit(parent)
     with fits:  # its hooks accumulate the normal equations during the importance pass
         imp = activation_importance(parent, chunks, batch_size=batch_size, seq_agg="mean", batch_agg="mean")
+    from tessera.stream.model import tensor
+
     stats: dict[str, torch.Tensor] = {}
     for i, block in enumerate(parent.model.layers):
-        if block.mlp is not None and hasattr(block.mlp, "down_proj"):
-            w_down = block.mlp.down_proj.weight.detach().float()
+        if block.mlp is not None and hasattr(block.mlp, "down_proj"):  # (a streamed parent: read from its shard)
+            w_down = tensor(parent, f"model.layers.{i}.mlp.down_proj.weight").detach().float()
             stats[f"ffn_contribution.{i}"] = (imp.neurons[i].float() * w_down.norm(dim=0)).contiguous()
         if i in fits.gram:
             stats[f"linear_ffn.{i}"] = fits.solve(i).contiguous()

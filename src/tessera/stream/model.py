@@ -46,7 +46,7 @@ class LayerStream:
         self.path = index.path
         self._pinned: set[int] = set()
         self._live: set[int] = set()
-        self._fingerprint: str | None = None
+        self.cached_fingerprint: str | None = None  # set by tessera.fingerprint (hashing reads every weight)
         self.loads = 0  # layers materialised so far (a test and a progress figure)
         for i, block in enumerate(model.model.layers):
             block.register_forward_pre_hook(lambda _m, _a, i=i: self._enter(i))
@@ -99,6 +99,14 @@ class LayerStream:
         if i not in self._pinned:
             self.release(i)
 
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor of the model by its full name, converted, read alone from its shard when it is not resident."""
+        t = self.model.state_dict()[name]
+        if not t.is_meta:
+            return t
+        with self.index.read([name]) as got:
+            return self._convert(got[name]).clone()
+
     def state(self, i: int) -> dict[str, torch.Tensor]:
         """Layer `i`'s tensors (names relative to the block), converted, without touching the model."""
         prefix = f"model.layers.{i}."
@@ -119,11 +127,9 @@ class LayerStream:
                 yield name, t
 
     def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            from tessera.checkpoint import fingerprint
+        from tessera.checkpoint import fingerprint
 
-            self._fingerprint = fingerprint(self.model)
-        return self._fingerprint
+        return fingerprint(self.model)
 
     @property
     def layer_bytes(self) -> int:
@@ -134,6 +140,15 @@ class LayerStream:
 
 def is_streamed(model) -> bool:
     return getattr(model, "streamed", None) is not None
+
+
+def tensor(model: Transformer, name: str) -> torch.Tensor:
+    """The tensor `name` of a model's state dict (e.g. `model.layers.3.mlp.down_proj.weight`), whether the model
+    is loaded whole or streamed (then read alone from its shard): for statistics that need a few weights of every
+    layer after a pass, without materialising each layer again."""
+    if is_streamed(model):
+        return model.streamed.tensor(name)
+    return model.state_dict()[name]
 
 
 def open_streamed(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
