@@ -297,7 +297,8 @@ def test_scale_benchmark_builds_a_streamable_parent_and_measures_a_child(tmp_pat
     assert (big["hidden_size"], big["num_layers"], big["intermediate_size"], big["vocab_size"]) == (4096, 32, 14336, 128256)
     row = scale.run_stage("alloc", [sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"],
                           dict(__import__("os").environ))
-    assert row["exit"] == 0 and 0.29 < row["peak_rss_gib"] < 2
+    # (a child's ru_maxrss starts at its parent's high-water mark, inherited through fork/exec: only a floor here)
+    assert row["exit"] == 0 and row["peak_rss_gib"] > 0.29
 
 
 # ---------------------------------------------------------------------------- broken checkpoints
