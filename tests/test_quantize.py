@@ -61,13 +61,13 @@ def test_saturation_edges(fmt, top):
     assert rnd(big).tolist() == [top, top, top, top, top, -top, -top]
 
 
-def test_e2m1_codes_pack_roundtrip_and_no_negative_zero():
+def test_e2m1_codes_pack_roundtrip_and_signed_zero():
     x = torch.tensor([[0.0, -0.1, 0.5, -0.5, 6.0, -6.0, 2.5, -3.5]])
     codes = nx.e2m1_codes(x)
-    assert codes.tolist() == [[0, 0, 1, 9, 7, 15, 4, 14]]
+    assert codes.tolist() == [[0, 8, 1, 9, 7, 15, 4, 14]]  # -0.1 -> -0 (sign bit kept, as compressed-tensors)
     packed = nx.pack_fp4(codes)
     assert packed.dtype == torch.uint8 and packed.shape == (1, 4)
-    assert packed[0, 0].item() == (0 | (0 << 4)) and packed[0, 1].item() == (1 | (9 << 4))  # low nibble = even column
+    assert packed[0, 0].item() == (0 | (8 << 4)) and packed[0, 1].item() == (1 | (9 << 4))  # low nibble = even column
     assert torch.equal(nx.unpack_fp4(packed), codes)
     assert nx.e2m1_decode(codes).tolist() == [[0.0, 0.0, 0.5, -0.5, 6.0, -6.0, 2.0, -4.0]]
 

@@ -82,7 +82,20 @@ def _load_dir(path: Path) -> Transformer:
         raise TesseraError(f"{path}: no config.json; a model directory needs config.json plus safetensors weights")
     arch = read_config(config)
     state = read_state_dict(path)
-    model = from_state_dict(arch, state, source=str(path))
+    quant = _quant_info(path)
+    if quant is not None:  # compressed-tensors / modelopt: QuantLinears swapped in for the stored layers
+        from tessera.quantize.storage import attach, decode
+
+        with torch.device("meta"):
+            names = [n for n, m in Transformer(arch).named_modules() if isinstance(m, torch.nn.Linear)]
+        plain = {t.dtype for k, t in state.items() if t.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                 and k.endswith(("norm.weight", "embed_tokens.weight"))}
+        state, stored = decode(state, quant, names, common_dtype(plain) if plain else torch.float32)
+        model = from_state_dict(arch, state, source=str(path))
+        attach(model, stored)
+        model.quantization = {"format": quant.fmt, "scheme": quant.scheme, "config": quant.raw}
+    else:
+        model = from_state_dict(arch, state, source=str(path))
     prov = path / PROVENANCE_FILE
     if prov.is_file():
         model.provenance = json.loads(prov.read_text()).get("history", [])
@@ -142,6 +155,13 @@ def verify_weights(path: Path, arch: ArchSpec) -> dict[str, Any] | None:
             return {"files": ["pytorch_model.bin"], "verified": False}
         return None
     index = WeightIndex(path)
+    quant = _quant_info(path)
+    if quant is not None:
+        from tessera.quantize.storage import verify
+
+        summary = verify(path, quant, arch, index)
+        return {"files": [f.name for f in index.files], "tensors": len(index.tensors), "bytes": index.nbytes,
+                "dtypes": summary.pop("dtypes"), "verified": True, "quantization": summary}
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Transformer(arch).state_dict().items()}
     if arch.tie_word_embeddings:
@@ -150,6 +170,16 @@ def verify_weights(path: Path, arch: ArchSpec) -> dict[str, Any] | None:
     index.check(arch, expected)
     return {"files": [f.name for f in index.files], "tensors": len(index.tensors), "bytes": index.nbytes,
             "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in index.tensors.values()}), "verified": True}
+
+
+def _quant_info(path: Path):
+    """The checkpoint's quantization (`tessera.quantize.storage.QuantInfo`), or None when it has none."""
+    raw = json.loads((path / "config.json").read_text())
+    if "quantization_config" not in raw and not (path / "hf_quant_config.json").is_file():
+        return None
+    from tessera.quantize.storage import read_info
+
+    return read_info(path, raw)
 
 
 def from_state_dict(arch: ArchSpec, state: dict[str, torch.Tensor], source: str = "checkpoint") -> Transformer:
@@ -280,34 +310,50 @@ def default_parent_dir() -> Path:
 
 # ---------------------------------------------------------------------------- saving
 def save(model: Transformer, out_dir: str | os.PathLike, *, force: bool = False,
-         max_shard_bytes: int = MAX_SHARD_BYTES, extra_files: dict[str, Any] | None = None) -> Path:
+         max_shard_bytes: int = MAX_SHARD_BYTES, extra_files: dict[str, Any] | None = None,
+         quant_format: str | None = None) -> Path:
     """Write config.json, safetensors (sharded above max_shard_bytes), tokenizer, generation config, provenance.
+    A quantized model (tessera.quantize) is written in its stored form: compressed-tensors, or `quant_format`
+    ("compressed-tensors" | "modelopt").
 
     Atomic: everything is written to a temp directory next to `out_dir` and renamed into place.
     """
     out = Path(out_dir).expanduser()
     with atomic_dir(out, force=force) as tmp:
-        _write_checkpoint(model, tmp, max_shard_bytes, extra_files or {})
+        _write_checkpoint(model, tmp, max_shard_bytes, extra_files or {}, quant_format)
     return out
 
 
-def _write_checkpoint(model: Transformer, tmp: Path, max_shard_bytes: int, extra_files: dict[str, Any]) -> None:
+def _write_checkpoint(model: Transformer, tmp: Path, max_shard_bytes: int, extra_files: dict[str, Any],
+                      quant_format: str | None = None) -> None:
     arch = model.arch
+    quantization = None
+    if getattr(model, "quantization", None) is not None:  # QuantLinears: their stored form, not the float weights
+        from tessera.quantize.storage import encode
+
+        state, quantization, files = encode(model, quant_format or model.quantization.get("format")
+                                            or "compressed-tensors")
+        extra_files = {**extra_files, **files}
+    else:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        if arch.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
     write_model_files(tmp, arch, dtype=model.dtype, provenance=getattr(model, "provenance", []),
-                      tokenizer=model.tokenizer, extra_files=extra_files)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if arch.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+                      tokenizer=model.tokenizer, extra_files=extra_files, quantization_config=quantization)
     _write_shards(state, tmp, max_shard_bytes)
 
 
 def write_model_files(tmp: Path, arch: ArchSpec, *, dtype: torch.dtype, provenance: list, tokenizer=None,
-                      extra_files: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything of a checkpoint but its tensors: config.json (plus configuration_decilm.py when heterogeneous),
+                      extra_files: dict[str, Any] | None = None,
+                      quantization_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything of a checkpoint but its tensors: config.json (plus configuration_decilm.py when heterogeneous;
+    with `quantization_config` for a quantized model),
     generation_config.json, tessera.json, extra files, tokenizer. Returns the config (a streamed save writes the
     tensors itself, shard by shard)."""
     config = to_hf_config(arch)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if "auto_map" in config:  # heterogeneous: the configuration class trust_remote_code loaders (vLLM) need
         (tmp / DECILM_CONFIG_FILE).write_text(decilm_config_source())

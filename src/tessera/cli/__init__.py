@@ -6,12 +6,13 @@
     speed     bench, cost, plot
     engines   export
     puzzle    puzzle library|bld|score|mip|assemble, search
+    quantize  quantize
     pipeline  run, report
 """
 
 # isort: off
 # Import order is the order of `tessera --help`; each module registers its commands on `app`.
-from tessera.cli import models, evaluate, minitron, speed, engines, puzzle, pipeline  # noqa: F401
+from tessera.cli import models, evaluate, minitron, speed, engines, puzzle, quantize, pipeline  # noqa: F401
 from tessera.cli.app import app, main
 
 # isort: on

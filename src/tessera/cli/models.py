@@ -38,18 +38,25 @@ def print_inspect(arch, title: str, as_json: bool = False, weights: dict | None 
         "hidden_size": arch.hidden_size, "vocab_size": arch.vocab_size, "heads": arch.num_attention_heads,
         "head_dim": arch.head_dim,
     }
+    quant = (weights or {}).get("quantization")
+    if quant:  # a quantized checkpoint: the real bytes each layer stores (codes + scales)
+        for r, nbytes in zip(rows, quant["layer_bytes"]):
+            r["stored_bytes"] = nbytes
     if as_json:
         typer.echo(json.dumps({"layers": rows, "totals": totals, "weights": weights, "engines": engines}, indent=2))
         return
     table = Table(title=f"{title}: {arch.num_layers} layers, hidden {arch.hidden_size}, {arch.num_attention_heads} "
                         f"heads x {arch.head_dim}, vocab {arch.vocab_size}")
-    for col in ("layer", "attention", "KV heads", "FFN", "FFN width", "params", "KV bytes/token (bf16)"):
+    cols = ["layer", "attention", "KV heads", "FFN", "FFN width", "params", "KV bytes/token (bf16)"]
+    for col in cols + (["stored bytes"] if quant else []):
         table.add_column(col, justify="right" if col not in ("attention", "FFN") else "left")
     for r in rows:
         table.add_row(str(r["layer"]), r["attention"], str(r["kv_heads"] or "-"), r["ffn"],
-                      str(r["ffn_width"] or "-"), f"{r['params']:,}", fmt_bytes(r["kv_bytes_per_token"]))
+                      str(r["ffn_width"] or "-"), f"{r['params']:,}", fmt_bytes(r["kv_bytes_per_token"]),
+                      *([fmt_bytes(r["stored_bytes"])] if quant else []))
     table.add_section()
-    table.add_row("total", "", "", "", "", f"{totals['params']:,}", fmt_bytes(totals["kv_bytes_per_token_bf16"]))
+    table.add_row("total", "", "", "", "", f"{totals['params']:,}", fmt_bytes(totals["kv_bytes_per_token_bf16"]),
+                  *([fmt_bytes(sum(quant["layer_bytes"]))] if quant else []))
     console.print(table)
     console.print(f"non-embedding parameters: {totals['non_embedding_params']:,}; "
                   f"config format: {'llama' if arch.is_homogeneous else 'nemotron-nas'}")
@@ -61,6 +68,10 @@ def print_inspect(arch, title: str, as_json: bool = False, weights: dict | None 
         console.print(f"weights: {len(weights['files'])} safetensors file(s), {weights['tensors']} tensors, "
                       f"{fmt_bytes(weights['bytes'])} ({', '.join(weights['dtypes'])}); headers, sizes and shapes "
                       "match config.json", highlight=False)
+    if quant:
+        console.print(f"quantization: {quant['scheme']} ({quant['format']}), {quant['quantized_layers']} Linear layers "
+                      f"quantized{', FP8 KV cache' if quant['kv_cache'] else ''}; kept unquantized: "
+                      f"{', '.join(quant['ignore']) or 'none'}", highlight=False)
     for engine, problems in engines.items():
         if not problems:
             console.print(f"{engine}: serves it as written", highlight=False)

@@ -1,6 +1,6 @@
 """`QuantLinear`: a drop-in `nn.Linear` that computes exactly what a quantized checkpoint serves.
 
-It holds the stored form (E4M3 codes or packed E2M1 nibbles, and their scales, as non-persistent buffers) and,
+It holds the stored form (E4M3 codes or packed E2M1 nibbles, and their scales, as plain tensors) and,
 as `weight`, the dequantized weight those give, so the rest of tessera (forward, generation, evaluation,
 fingerprints) sees an ordinary Linear. On each call it fake-quantizes its input as the scheme says: per token at
 run time (FP8-dynamic), with a calibrated per-tensor scale (FP8 static), or per group of 16 under a calibrated
@@ -31,9 +31,25 @@ class QuantLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.weight.requires_grad_(False)
         self.wargs, self.aargs = weights, input_activations
-        for name in ("weight_q", "weight_scale", "weight_global_scale", "input_scale", "input_global_scale",
-                     "output_scale"):
-            self.register_buffer(name, None, persistent=False)
+        # The stored form: plain attributes, not buffers, so `model.to(dtype)` never re-types codes or scales
+        # (`_apply` moves them between devices only).
+        self.weight_q: torch.Tensor | None = None
+        self.weight_scale: torch.Tensor | None = None
+        self.weight_global_scale: torch.Tensor | None = None
+        self.input_scale: torch.Tensor | None = None
+        self.input_global_scale: torch.Tensor | None = None
+        self.output_scale: torch.Tensor | None = None
+
+    STORED = ("weight_q", "weight_scale", "weight_global_scale", "input_scale", "input_global_scale", "output_scale")
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        device = self.weight.device
+        for name in self.STORED:
+            t = getattr(self, name)
+            if t is not None and t.device != device:
+                setattr(self, name, t.to(device))
+        return self
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -95,9 +111,7 @@ class QuantLinear(nn.Linear):
 
     def stored_bytes(self) -> int:
         """Bytes of the stored weight and its scales (what the checkpoint holds for this layer)."""
-        n = sum(t.numel() * t.element_size() for t in (self.weight_q, self.weight_scale, self.weight_global_scale,
-                                                        self.input_scale, self.input_global_scale, self.output_scale)
-                if t is not None)
+        n = sum(t.numel() * t.element_size() for t in (getattr(self, k) for k in self.STORED) if t is not None)
         return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
     def extra_repr(self) -> str:
@@ -106,7 +120,7 @@ class QuantLinear(nn.Linear):
                 f"activations={act}")
 
 
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, leaf = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
@@ -127,7 +141,7 @@ def quantize_weights(model: nn.Module, scheme: Scheme | str, *, observer: str | 
                 raise TesseraError(f"{name} is already quantized; quantize the unquantized model")
             q = QuantLinear.from_linear(lin, scheme.weights, scheme.input_activations, observer or scheme.observer,
                                         what=f"{name}.weight")
-            _set_module(model, name, q)
+            set_module(model, name, q)
             out[name] = q
     return out
 

@@ -11,7 +11,8 @@ Scales (symmetric, per tensor / channel / group / token):
 * FP8:   scale = amax / 448;                      q = e4m3(x / scale);  x' = q * scale
 * NVFP4: global = 448 * 6 / amax_tensor (float32); s = e4m3(global * amax_group / 6);
          q = e2m1(x / (s / global));               x' = q * (s / global)
-A zero amax gives scale 1 (FP8) or an all-zero group (NVFP4), never a division by zero.
+A scale that would be 0 is replaced as compressed-tensors does (the dtype's eps for FP8 scales, 0.125 for E4M3 group
+scales), never a division by zero.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     idx = torch.bucketize(a, mids)  # number of midpoints strictly below a: ties go to the lower index...
     tie = (idx < len(mids)) & (a == mids[idx.clamp(max=len(mids) - 1)])
     idx = idx + (tie & (idx % 2 == 1)).long()  # ...and then to the even one
-    sign = (x < 0) & (idx > 0)
+    sign = x < 0
     return (idx | (sign.long() << 3)).to(torch.uint8)
 
 
@@ -109,9 +110,10 @@ def grouped(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
 
 
 def fp8_scale(amax_: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """FP8 scale amax / 448 rounded to its storage dtype; 1 where amax is 0."""
+    """FP8 scale amax / 448 rounded to its storage dtype; the dtype's eps where that is 0 (compressed-tensors'
+    guard against dividing by zero)."""
     s = (amax_.float() / E4M3_MAX).to(dtype)
-    return torch.where(s > 0, s, torch.ones_like(s))
+    return torch.where(s > 0, s, torch.full_like(s, torch.finfo(dtype).eps))
 
 
 def nvfp4_global_scale(amax_: torch.Tensor) -> torch.Tensor:
@@ -121,8 +123,10 @@ def nvfp4_global_scale(amax_: torch.Tensor) -> torch.Tensor:
 
 
 def nvfp4_group_scales(group_amax: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
-    """E4M3 group scales e4m3(global * amax_group / 6) as float8_e4m3fn."""
-    return to_e4m3(global_scale.float() * (group_amax.float() / E2M1_MAX))
+    """E4M3 group scales e4m3(global * amax_group / 6) as float8_e4m3fn; 0.125 where that rounds to 0
+    (compressed-tensors' guard: such a group's values quantize with the smallest-but-safe scale)."""
+    s = to_e4m3(global_scale.float() * (group_amax.float() / E2M1_MAX))
+    return torch.where(s.float() > 0, s, torch.full_like(s, 0.125))
 
 
 def nvfp4_effective_scale(group_scales: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
@@ -169,5 +173,5 @@ def nvfp4_qdq(x: torch.Tensor, global_scale: torch.Tensor, group_size: int = 16)
 
 
 def dynamic_token_fp8_qdq(x: torch.Tensor) -> torch.Tensor:
-    """Per-token dynamic FP8: each row (token) scaled by its own amax / 448 at run time; float32."""
-    return fp8_qdq(x, fp8_scale(amax(x, "token")))
+    """Per-token dynamic FP8: each row (token) scaled by its own amax / 448 (in x's dtype) at run time; float32."""
+    return fp8_qdq(x, fp8_scale(amax(x, "token"), x.dtype))

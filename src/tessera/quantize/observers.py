@@ -16,6 +16,7 @@ import torch
 from tessera.quantize import numerics as nx
 from tessera.quantize.schemes import QuantArgs
 
+OBSERVER_ROWS = 4096  # input rows a layer keeps for the MSE search of an activation scale
 MSE_GRID = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00, 0.98, ..., 0.50 of the largest magnitude
 
 
@@ -58,7 +59,7 @@ class ActivationStats:
     """Running statistics of one layer's inputs for a static scale: the largest magnitude, and (for the MSE
     observer) a bounded random sample of rows on which the clipped amax is searched."""
 
-    def __init__(self, max_rows: int = 4096, seed: int = 0):
+    def __init__(self, max_rows: int = OBSERVER_ROWS, seed: int = 0):
         self.amax = torch.zeros(1)
         self.rows: list[torch.Tensor] = []
         self.kept = 0

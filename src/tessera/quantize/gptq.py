@@ -1,0 +1,110 @@
+"""GPTQ-style error compensation (Frantar et al., 2022) for FP8 and NVFP4 weights.
+
+Columns of W are quantized left to right; each column's rounding error, weighted by the inverse Hessian of the
+layer's inputs (H = sum of x x^T over the calibration rows), is pushed onto the columns not yet quantized, so the
+layer's output on calibration-like inputs moves less than with round-to-nearest. Scales are fixed as the format
+needs them: FP8 per-tensor / per-channel scales from the original weight, NVFP4's global scale from the original
+weight and each group's E4M3 scale from the (already compensated) 16 columns when the group is reached. The result
+is ordinary stored codes and scales, exported like any other.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tessera.errors import TesseraError
+from tessera.quantize import numerics as nx
+from tessera.quantize.modules import QuantLinear, set_module
+from tessera.quantize.observers import search_amax
+from tessera.quantize.schemes import QuantArgs, Scheme, get_scheme, resolve_targets
+
+BLOCK = 128
+
+
+def _inverse_hessian_factor(h: torch.Tensor, w: torch.Tensor, dampening: float) -> torch.Tensor:
+    h = h.clone().double()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    damp = dampening * torch.mean(torch.diag(h))
+    h += damp * torch.eye(h.shape[0], dtype=h.dtype)
+    for _ in range(5):
+        try:
+            chol = torch.linalg.cholesky(h)
+            break
+        except torch.linalg.LinAlgError:
+            h += damp * torch.eye(h.shape[0], dtype=h.dtype)
+    else:
+        raise TesseraError("GPTQ: the input Hessian is not positive definite even after dampening; use more "
+                           "calibration text or drop --gptq")
+    hinv = torch.cholesky_inverse(chol)
+    return torch.linalg.cholesky(hinv, upper=True).float()
+
+
+def gptq_weight(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, observer: str = "minmax",
+                dampening: float = 0.01, scale_dtype: torch.dtype = torch.float32):
+    """GPTQ-quantized weight: (codes, scale) for FP8 or (codes, group scales, global scale) for NVFP4."""
+    w = w.detach().float().clone()
+    out_f, in_f = w.shape
+    u = _inverse_hessian_factor(h, w, dampening)
+    q = torch.zeros_like(w)
+    if args.fp4:
+        gs = args.group_size or 16
+        g = nx.nvfp4_global_scale(nx.amax(w, "tensor"))
+        group_scales = torch.zeros(out_f, in_f // gs, dtype=torch.float8_e4m3fn)
+    else:
+        scale = nx.fp8_scale(search_amax(w, args, observer, scale_dtype=scale_dtype), scale_dtype)
+        col_scale = scale.float().expand(out_f, 1)[:, 0] if scale.numel() > 1 else scale.float().reshape(1)
+    for i1 in range(0, in_f, BLOCK):
+        i2 = min(i1 + BLOCK, in_f)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if args.fp4:
+                if col % gs == 0:
+                    grp = w1[:, i:i + gs] if i + gs <= w1.shape[1] else w[:, col:col + gs]
+                    a = search_amax(grp, QuantArgs(4, "float", "tensor_group", group_size=gs), observer, global_scale=g)
+                    group_scales[:, col // gs] = nx.nvfp4_group_scales(a, g)[:, 0]
+                eff = nx.nvfp4_effective_scale(group_scales[:, col // gs], g)
+                qc = nx.round_e2m1(w1[:, i] / eff) * eff
+            else:
+                qc = nx.round_e4m3(w1[:, i] / col_scale) * col_scale
+            q[:, col] = qc
+            e = (w1[:, i] - qc) / u1[i, i]
+            w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    if args.fp4:
+        codes = nx.nvfp4_quantize(q, group_scales, g)
+        return codes, group_scales, g
+    return nx.fp8_quantize(q, scale), scale
+
+
+def gptq_quantize_weights(model: nn.Module, scheme: Scheme | str, stats: dict, *, observer: str = "minmax",
+                          dampening: float = 0.01) -> dict[str, QuantLinear]:
+    """Like `quantize_weights`, with each target's weight GPTQ-quantized from its calibration Hessian."""
+    scheme = get_scheme(scheme)
+    out = {}
+    with torch.no_grad():
+        for name, lin in resolve_targets(model, scheme).items():
+            st = stats.get(name)
+            if st is None or st.hessian is None:
+                raise TesseraError(f"{name}: no calibration Hessian for GPTQ; calibrate with gptq=True first")
+            w = lin.weight.detach()
+            nx.check_finite(w, f"{name}.weight")
+            q = QuantLinear(lin.in_features, lin.out_features, scheme.weights, scheme.input_activations,
+                            bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+            if lin.bias is not None:
+                q.bias.data.copy_(lin.bias.detach())
+            res = gptq_weight(w, st.hessian, scheme.weights, observer=observer, dampening=dampening,
+                              scale_dtype=w.dtype)
+            if scheme.weights.fp4:
+                q.set_nvfp4(nx.pack_fp4(res[0]), res[1], res[2])
+            else:
+                q.set_fp8(*res)
+            set_module(model, name, q)
+            out[name] = q
+    return out
