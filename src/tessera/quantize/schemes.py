@@ -66,9 +66,10 @@ class QuantArgs:
         return self.num_bits == 4
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["block_structure"] = None
-        d["actorder"] = None
+        """As compressed-tensors dumps its QuantizationArgs (E4M3 group scales named for NVFP4)."""
+        d = {k: v for k, v in asdict(self).items() if not (k == "observer" and v is None)}
+        if self.fp4:
+            d["scale_dtype"] = "torch.float8_e4m3fn"
         return d
 
     @classmethod
