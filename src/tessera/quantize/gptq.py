@@ -3,9 +3,9 @@
 Columns of W are quantized left to right; each column's rounding error, weighted by the inverse Hessian of the
 layer's inputs (H = sum of x x^T over the calibration rows), is pushed onto the columns not yet quantized, so the
 layer's output on calibration-like inputs moves less than with round-to-nearest. Scales are fixed as the format
-needs them: FP8 per-tensor / per-channel scales from the original weight, NVFP4's global scale from the original
-weight and each group's E4M3 scale from the (already compensated) 16 columns when the group is reached. The result
-is ordinary stored codes and scales, exported like any other.
+needs them, all from the original weight by the chosen observer (min-max or MSE): FP8 per-tensor / per-channel
+scales, NVFP4's global scale and every group's E4M3 scale. The result is ordinary stored codes and scales,
+exported like any other.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, observer: 
     if args.fp4:
         gs = args.group_size or 16
         g = nx.nvfp4_global_scale(nx.amax(w, "tensor"))
-        group_scales = torch.zeros(out_f, in_f // gs, dtype=torch.float8_e4m3fn)
+        group_scales = nx.nvfp4_group_scales(search_amax(w, args, observer, global_scale=g), g)
     else:
         scale = nx.fp8_scale(search_amax(w, args, observer, scale_dtype=scale_dtype), scale_dtype)
         col_scale = scale.float().expand(out_f, 1)[:, 0] if scale.numel() > 1 else scale.float().reshape(1)
@@ -64,10 +64,6 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, observer: 
         for i in range(i2 - i1):
             col = i1 + i
             if args.fp4:
-                if col % gs == 0:
-                    grp = w1[:, i:i + gs] if i + gs <= w1.shape[1] else w[:, col:col + gs]
-                    a = search_amax(grp, QuantArgs(4, "float", "tensor_group", group_size=gs), observer, global_scale=g)
-                    group_scales[:, col // gs] = nx.nvfp4_group_scales(a, g)[:, 0]
                 eff = nx.nvfp4_effective_scale(group_scales[:, col // gs], g)
                 qc = nx.round_e2m1(w1[:, i] / eff) * eff
             else:
