@@ -153,12 +153,24 @@ def test_linear_ffn_fit_is_exact_when_the_block_is_linear(teacher, chunks, monke
     assert torch.allclose(block(x, cos, sin, None, None, 0), want, atol=1e-4)
 
 
-def test_kv_heads_are_mean_pooled_within_their_new_groups(teacher, chunks):
+def test_kv_heads_merge_weighted_by_kv_group_importance(teacher, chunks):
+    # Puzzle's KV-head variants merge KV groups the way Minitron does (tessera.prune.merge_kv_heads), weighted by
+    # the KV-group importance from the library's calibration (the sum of each group's query-head scores)
     stats = calibrate(teacher, chunks)
     att = teacher.model.layers[0].self_attn
-    one = init_variant(teacher, 0, Variant("attention", AttentionSpec("gqa", 1)), stats)
-    assert torch.allclose(one["self_attn.k_proj.weight"], att.k_proj.weight.view(2, 8, -1).mean(0))
-    assert torch.allclose(one["self_attn.v_proj.weight"], att.v_proj.weight.view(2, 8, -1).mean(0))
+    k, v_ = att.k_proj.weight.view(2, 8, -1), att.v_proj.weight.view(2, 8, -1)
+    one = Variant("attention", AttentionSpec("gqa", 1))
+    stats["head_importance.0"] = torch.tensor([1.0, 2.0, 0.5, 0.5])  # KV groups 0 and 1 score 3 and 1
+    w = init_variant(teacher, 0, one, stats)
+    assert torch.allclose(w["self_attn.k_proj.weight"], 0.75 * k[0] + 0.25 * k[1])
+    assert torch.allclose(w["self_attn.v_proj.weight"], 0.75 * v_[0] + 0.25 * v_[1])
+    stats["head_importance.0"] = torch.tensor([0.0, 0.0, 1.0, 1.0])  # group 0 contributes nothing: group 1 as is
+    w = init_variant(teacher, 0, one, stats)
+    assert torch.equal(w["self_attn.k_proj.weight"], k[1])
+    del stats["head_importance.0"]  # no scores: the plain mean
+    w = init_variant(teacher, 0, one, stats)
+    assert torch.allclose(w["self_attn.k_proj.weight"], k.mean(0))
+    assert torch.equal(w["self_attn.q_proj.weight"], att.q_proj.weight)
     # when the two KV heads are equal, pooling them changes nothing: the 1-KV-head variant equals the parent
     with torch.no_grad():
         for proj in (att.k_proj, att.v_proj):

@@ -97,6 +97,21 @@ def atomic_write_json(target: str | os.PathLike, payload: Any, *, indent: int = 
     return atomic_write_text(target, json.dumps(payload, indent=indent, sort_keys=True, default=_json_default) + "\n")
 
 
+def read_json(file: str | os.PathLike, *, fix: str, format: str | None = None, version: int | None = None,
+              what: str = "a tessera file") -> dict:
+    """A JSON file tessera wrote, parsed; when `format` is given, its `format` and `version` fields must match.
+    Bad JSON or another format is one line naming the file, what is wrong and `fix` (what to do about it)."""
+    file = Path(file)
+    try:
+        raw = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise TesseraError(f"{file}: not valid JSON ({exc.msg}); {fix}") from None
+    if format is not None and (not isinstance(raw, dict) or raw.get("format") != format
+                               or raw.get("version") != version):
+        raise TesseraError(f"{file}: not {what} of version {version}; {fix}")
+    return raw
+
+
 def _json_default(obj: Any):
     if isinstance(obj, (tuple, set)):
         return list(obj)

@@ -5,6 +5,7 @@ prints."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -17,6 +18,17 @@ app.add_typer(puzzle_app, name="puzzle")
 DATA_HELP = "text/JSONL dealt into calibration / selection / reporting splits (default: the shared corpus)"
 TARGET_HELP = ("one or more of --target-speedup, --max-memory-gb, --min-throughput; costs are measured on this "
                "machine unless --gpu names a cost-model profile")
+
+# the target and cost options `mip` and `search` share
+TargetSpeedup = Annotated[float, typer.Option("--target-speedup", help="speed-up over the parent >= S")]
+MaxMemoryGB = Annotated[float, typer.Option("--max-memory-gb", help="weights + KV cache <= M GB")]
+MinThroughput = Annotated[float, typer.Option("--min-throughput", help="tokens/s >= T")]
+Phase = Annotated[str, typer.Option("--phase", help="e2e | decode | prefill (for speed-up / throughput)")]
+Gpu = Annotated[str, typer.Option("--gpu", help="cost-model profile (h100, a100, ...); default: measure here")]
+Device = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
+Dtype = Annotated[str, typer.Option("--dtype", help="weights dtype (default: fp32 on cpu, bf16 otherwise)")]
+ScenarioOpt = Annotated[str, typer.Option("--scenario", help="IN/OUT tokens, comma-separated for several")]
+CostBatch = Annotated[int, typer.Option("--batch", min=1, help="concurrent sequences the costs are for")]
 
 
 def _fractions(text: str | None) -> tuple[float, ...] | None:
@@ -196,15 +208,9 @@ def _print_choice(record: dict) -> None:
 @friendly
 def mip_cmd(scores: Path = typer.Argument(..., help="a scores directory (tessera puzzle score)"),
             out: Path = typer.Option(..., "--out", help="MIP directory"),
-            target_speedup: float = typer.Option(None, "--target-speedup", help="speed-up over the parent >= S"),
-            max_memory_gb: float = typer.Option(None, "--max-memory-gb", help="weights + KV cache <= M GB"),
-            min_throughput: float = typer.Option(None, "--min-throughput", help="tokens/s >= T"),
-            phase: str = typer.Option("e2e", "--phase", help="e2e | decode | prefill (for speed-up / throughput)"),
-            gpu: str = typer.Option(None, "--gpu", help="cost-model profile (h100, a100, ...); default: measure here"),
-            device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-            dtype: str = typer.Option(None, "--dtype", help="weights dtype (default: fp32 on cpu, bf16 otherwise)"),
-            scenario: str = typer.Option("128/128", "--scenario", help="IN/OUT tokens, comma-separated for several"),
-            batch: int = typer.Option(1, "--batch", min=1),
+            target_speedup: TargetSpeedup = None, max_memory_gb: MaxMemoryGB = None,
+            min_throughput: MinThroughput = None, phase: Phase = "e2e", gpu: Gpu = None, device: Device = "auto",
+            dtype: Dtype = None, scenario: ScenarioOpt = "128/128", batch: CostBatch = 1,
             reps: int = typer.Option(3, "--reps", min=1, help="timing repetitions when measuring"),
             num_solutions: int = typer.Option(1, "--num-solutions", min=1),
             force: bool = typer.Option(False, "--force"), as_json: bool = typer.Option(False, "--json")):
@@ -271,15 +277,9 @@ def _report(full: dict, out: Path, as_json: bool, seconds: dict | None = None) -
 @friendly
 def search_cmd(parent: str = typer.Argument(..., help="'default', a model directory or .gguf"),
                out: Path = typer.Option(..., "--out", help="search directory (its stages; the child in OUT/child)"),
-               target_speedup: float = typer.Option(None, "--target-speedup", help="speed-up over the parent >= S"),
-               max_memory_gb: float = typer.Option(None, "--max-memory-gb", help="weights + KV cache <= M GB"),
-               min_throughput: float = typer.Option(None, "--min-throughput", help="tokens/s >= T"),
-               phase: str = typer.Option("e2e", "--phase", help="e2e | decode | prefill (for speed-up / throughput)"),
-               gpu: str = typer.Option(None, "--gpu", help="cost-model profile (h100, a100, ...); default: measure here"),
-               device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-               dtype: str = typer.Option(None, "--dtype", help="weights dtype (default: fp32 on cpu, bf16 otherwise)"),
-               scenario: str = typer.Option("128/128", "--scenario", help="IN/OUT tokens, comma-separated for several"),
-               batch: int = typer.Option(1, "--batch", min=1),
+               target_speedup: TargetSpeedup = None, max_memory_gb: MaxMemoryGB = None,
+               min_throughput: MinThroughput = None, phase: Phase = "e2e", gpu: Gpu = None, device: Device = "auto",
+               dtype: Dtype = None, scenario: ScenarioOpt = "128/128", batch: CostBatch = 1,
                engine: str = typer.Option(None, "--engine", help="vllm | llamacpp: only variants it can serve"),
                gkd_tokens: int = typer.Option(131_072, "--gkd-tokens", min=0, help="global distillation tokens (0: none)"),
                bld_tokens: int = typer.Option(65_536, "--bld-tokens", min=0, help="BLD tokens per variant (0: none)"),

@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tessera.errors import TesseraError
-from tessera.io import atomic_write_json
+from tessera.io import atomic_write_json, read_json
 
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -86,10 +85,8 @@ class Manifest:
         path = run_dir / MANIFEST
         if not path.is_file():
             return Manifest(run_dir)
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:  # cannot happen with atomic writes; say so if someone edited it
-            raise TesseraError(f"{path}: not valid JSON ({exc}); restore it or start over with --force") from None
+        # bad JSON cannot come from atomic writes; say so in one line if someone edited it
+        data = read_json(path, fix="restore it or start over with --force")
         if data.get("version") != VERSION:
             raise TesseraError(f"{path}: manifest version {data.get('version')} is not {VERSION}; start over with --force")
         return Manifest(run_dir, data)

@@ -14,7 +14,9 @@ Offered per layer (Puzzle, section 3):
 Initialisation, no training (`init_variant`):
 * FFN width w: the w intermediate channels with the largest contribution mean_t |act_i| * ||W_down[:, i]|| over
   the calibration tokens (act = silu(gate) * up, the input of down_proj), kept in their original order;
-* KV heads k: K and V of each new group mean-pooled over the parent groups it merges;
+* KV heads k: the parent's KV groups merged as Minitron merges them (`tessera.prune.merge_kv_heads`): the groups
+  with the most head importance anchor the new groups, the weakest join the strongest, and K and V are averaged
+  weighted by each group's importance (so a group that contributes nothing does not disturb the one it joins);
 * linear attention: W_o @ W_v with the KV heads repeated to the query heads (attention of a token to itself);
 * linear FFN: the least-squares fit of the parent FFN's output on its (normed) input over the calibration tokens;
 * the parent's own sub-block: the parent's tensors, so it equals the parent exactly.
@@ -37,7 +39,7 @@ import torch
 
 from tessera.arch import ArchSpec, AttentionSpec, BlockSpec, FFNSpec
 from tessera.errors import TesseraError
-from tessera.io import atomic_dir
+from tessera.io import atomic_dir, read_json
 from tessera.model import Block, Transformer
 
 PARTS = ("attention", "ffn")
@@ -389,13 +391,6 @@ class _LinearFit:
 
 
 # ---------------------------------------------------------------------------- initial weights
-def kv_pool(weight: torch.Tensor, kv_from: int, kv_to: int, head_dim: int) -> torch.Tensor:
-    """Mean-pool the rows of a K or V projection (kv_from * head_dim, hidden) into kv_to heads: new head j is the
-    mean of the parent heads j*r .. j*r+r-1 (r = kv_from / kv_to), the groups whose query heads it now serves."""
-    r = kv_from // kv_to
-    return weight.view(kv_to, r, head_dim, -1).mean(1).reshape(kv_to * head_dim, -1)
-
-
 def init_variant(parent: Transformer, layer: int, variant: Variant,
                  stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The untrained weights of `variant` in `layer`, named as in the layer's Block (`self_attn.q_proj.weight`, ...).
@@ -418,11 +413,15 @@ def init_variant(parent: Transformer, layer: int, variant: Variant,
         if v.kind == "linear":
             out["self_attn.linear_attn.weight"] = linear_attention_weight(arch, block)
             return out
-        d, kv_from, kv_to = arch.head_dim, arch.blocks[layer].attention.num_kv_heads, v.spec.num_kv_heads
-        out["self_attn.q_proj.weight"] = own["self_attn.q_proj.weight"]
-        out["self_attn.o_proj.weight"] = own["self_attn.o_proj.weight"]
-        out["self_attn.k_proj.weight"] = kv_pool(own["self_attn.k_proj.weight"], kv_from, kv_to, d)
-        out["self_attn.v_proj.weight"] = kv_pool(own["self_attn.v_proj.weight"], kv_from, kv_to, d)
+        from tessera.prune import merge_kv_heads
+
+        kv_from = arch.blocks[layer].attention.num_kv_heads
+        heads = stats.get(f"head_importance.{layer}")  # KV-group importance = the sum of its query heads' scores
+        names = [f"self_attn.{p}_proj.weight" for p in "qkvo"]
+        merged = merge_kv_heads(*(own[n] for n in names), n_heads=arch.num_attention_heads, head_dim=arch.head_dim,
+                                target=v.spec.num_kv_heads,
+                                group_scores=None if heads is None else heads.view(kv_from, -1).sum(-1))
+        out.update(zip(names, (t.clone() for t in merged)))
         return out
     if v == pf:
         return {k: t for k, t in own.items() if k.startswith(("post_attention_layernorm.", "mlp."))}
@@ -553,12 +552,8 @@ class Library:
             hint = " (an unfinished build leaves no directory; rerun the library stage)" if path.is_dir() else ""
             raise TesseraError(f"{path}: not a block library (no library.json){hint}; build one with "
                                "`tessera puzzle library PARENT --out DIR`")
-        try:
-            raw = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise TesseraError(f"{file}: not valid JSON ({exc.msg}); rebuild the library") from None
-        if raw.get("format") != LIBRARY_FORMAT or raw.get("version") != LIBRARY_VERSION:
-            raise TesseraError(f"{file}: not a tessera block library of version {LIBRARY_VERSION}; rebuild it")
+        raw = read_json(file, fix="rebuild the library", format=LIBRARY_FORMAT, version=LIBRARY_VERSION,
+                        what="a tessera block library")
         from tessera.formats import from_hf_config
 
         arch = from_hf_config(raw["parent"]["config"], source=str(file))

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tessera.errors import TesseraError
-from tessera.io import atomic_dir, atomic_write_json
+from tessera.io import atomic_dir, atomic_write_json, read_json
 from tessera.puzzle.costs import Target
 from tessera.puzzle.library import Library, LibraryConfig
 from tessera.puzzle.mip import Constraint
@@ -119,10 +119,7 @@ def read_stage(path: Path, stage: str, *, hint: str = "") -> dict:
     if not file.is_file():
         raise TesseraError(f"{path}: an interrupted {stage} stage (no {STAGE_FILE}); rerun `tessera puzzle {stage}` "
                            f"on the same input to finish it, or `tessera search` to resume{hint}")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError:
-        raise TesseraError(f"{file}: not valid JSON; rerun `tessera puzzle {stage}` with --force") from None
+    raw = read_json(file, fix=f"rerun `tessera puzzle {stage}` with --force")
     if raw.get("format") != STAGE_FORMAT or raw.get("stage") != stage:
         raise TesseraError(f"{path}: not a {stage} stage directory (it holds {raw.get('stage')!r}); pass the "
                            f"output of `tessera puzzle {stage}`")

@@ -37,7 +37,7 @@ import torch
 
 from tessera.data import DataSplit, sha256_ids
 from tessera.errors import TesseraError
-from tessera.io import atomic_write_json
+from tessera.io import atomic_write_json, read_json
 from tessera.model import Transformer
 from tessera.puzzle.bld import attention_then_parent_ffn, parent_attention_then_ffn, variant_state, weights_id
 from tessera.puzzle.library import Library, Variant, variant_block
@@ -90,13 +90,8 @@ def load_scores(out: str | Path) -> ScoreTable:
 
 
 def _read(file: Path) -> dict:
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise TesseraError(f"{file}: not valid JSON ({exc.msg}); delete it to rescore") from None
-    if raw.get("format") != SCORES_FORMAT or raw.get("version") != SCORES_VERSION:
-        raise TesseraError(f"{file}: not a tessera scores file of version {SCORES_VERSION}; delete it to rescore")
-    return raw
+    return read_json(file, fix="delete it to rescore", format=SCORES_FORMAT, version=SCORES_VERSION,
+                     what="a tessera scores file")
 
 
 def _data(data: DataSplit | torch.Tensor, library: Library) -> tuple[torch.Tensor, dict]:
