@@ -62,7 +62,7 @@ def run_llmc(python: str, parent_dir: Path, calib_ids: torch.Tensor, preset: str
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise SystemExit(f"llm-compressor {preset} failed:\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"exit {res.returncode}:\n{res.stderr[-3000:]}")
     info = json.loads(res.stdout.strip().splitlines()[-1])
     info["process_seconds"] = time.perf_counter() - t0
     return out, info
@@ -99,6 +99,36 @@ def main() -> None:
           flush=True)
     rows = []
     only = set(args.only.split(",")) if args.only else None
+
+    def save(row: dict) -> None:
+        """Append each finished row to rows.jsonl at once, so a stopped run keeps what it measured."""
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            with open(args.out / "rows.jsonl", "a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+
+    if args.llmc_python:  # the reference first, so that its figures exist even if a later row is stopped
+        with tempfile.TemporaryDirectory() as tmp:
+            for preset in ("FP8_DYNAMIC", "NVFP4"):
+                if only and f"{preset} oneshot" not in only:
+                    continue
+                try:
+                    out, info = run_llmc(args.llmc_python, default_parent_dir(), calib.chunks, preset, Path(tmp),
+                                         args.threads)
+                except RuntimeError as e:  # one failed preset must not lose the rows already measured
+                    print(f"llm-compressor {preset}: FAILED: {e}", flush=True)
+                    continue
+                child = tessera.load(out)
+                child.tokenizer = parent.tokenizer
+                r = {"tool": "llm-compressor", "variant": f"{preset} oneshot", "scheme": preset, "seconds": info["seconds"],
+                     "llmcompressor": info["llmcompressor"], "loaded_as": child.quantization["scheme"],
+                     **evaluate(parent, child, held, parent_ref, parent_acc, args.limit)}
+                rows.append(r)
+                save(r)
+                print(f"llm-compressor {preset:>21}: KLD {r['kld']:.5f}, top-1 {r['top1']:.2%}, ppl {r['ppl']:.3f}, "
+                      f"preserved {r['preserved']:.1%}, oneshot {info['seconds']:.1f} s (loaded by tessera as "
+                      f"{r['loaded_as']})", flush=True)
+                del child
     for label, scheme, observer, gptq, _ in VARIANTS:
         if only and label not in only:
             continue
@@ -109,23 +139,10 @@ def main() -> None:
         r = {"tool": "tessera", "variant": label, "scheme": scheme, "seconds": secs,
              **evaluate(parent, child, held, parent_ref, parent_acc, args.limit)}
         rows.append(r)
+        save(r)
         print(f"tessera {label:>28}: KLD {r['kld']:.5f}, top-1 {r['top1']:.2%}, ppl {r['ppl']:.3f}, preserved "
               f"{r['preserved']:.1%}, calibration+quantization {secs:.1f} s", flush=True)
         del child
-    if args.llmc_python:
-        with tempfile.TemporaryDirectory() as tmp:
-            for preset in ("FP8_DYNAMIC", "NVFP4"):
-                out, info = run_llmc(args.llmc_python, default_parent_dir(), calib.chunks, preset, Path(tmp),
-                                     args.threads)
-                child = tessera.load(out)
-                child.tokenizer = parent.tokenizer
-                r = {"tool": "llm-compressor", "variant": f"{preset} oneshot", "scheme": preset, "seconds": info["seconds"],
-                     "llmcompressor": info["llmcompressor"], "loaded_as": child.quantization["scheme"],
-                     **evaluate(parent, child, held, parent_ref, parent_acc, args.limit)}
-                rows.append(r)
-                print(f"llm-compressor {preset:>21}: KLD {r['kld']:.5f}, top-1 {r['top1']:.2%}, ppl {r['ppl']:.3f}, "
-                      f"preserved {r['preserved']:.1%}, oneshot {info['seconds']:.1f} s (loaded by tessera as "
-                      f"{r['loaded_as']})", flush=True)
     print(f"\nparent perplexity {parent_ppl:.3f}; reporting {held.tokens:,} tokens; calibration {calib.tokens:,} tokens;"
           f" accuracy on the first {args.limit} items of {', '.join(TASKS)}")
     print("\n| tool | variant | KLD | top-1 | perplexity | acc. preserved | calibration s |")

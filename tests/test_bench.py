@@ -44,3 +44,29 @@ def test_bench_cli_json_on_saved_model(tmp_path):
     assert res.exit_code == 2 and "--batch-sizes must be comma-separated integers" in res.output
     res = CliRunner().invoke(app, ["bench", str(tmp_path / "m"), "--scenarios", "128-128"])
     assert res.exit_code == 2 and "not IN/OUT" in res.output
+
+
+def test_bench_takes_the_shared_device_and_dtype_vocabulary(tmp_path, monkeypatch):
+    """`bench` defaults to `--device auto` like every other compute command (issue 13): the default goes through
+    `tessera.devices.resolve_device`, `--dtype bf16` / `float16` are the shared names, a bad device is one line."""
+    from typer.testing import CliRunner
+
+    import tessera.devices as devices
+    from tessera.checkpoint import save
+    from tessera.cli import app
+
+    save(random_model(tiny_arch()), tmp_path / "m")
+    asked = []
+    resolve = devices.resolve_device
+    monkeypatch.setattr(devices, "resolve_device", lambda name=None: asked.append(name) or resolve("cpu"))
+    run = lambda *a: CliRunner().invoke(app, ["bench", str(tmp_path / "m"), "--scenarios", "4/2", "--reps", "1",
+                                              "--json", *a])
+    res = run()
+    assert res.exit_code == 0, res.output
+    assert asked[0] == "auto" and json.loads(res.output)[0]["device"] == "cpu"
+    for name in ("bf16", "float16"):
+        res = run("--dtype", name)
+        assert res.exit_code == 0, res.output
+    monkeypatch.setattr(devices, "resolve_device", resolve)
+    res = run("--device", "tpu")
+    assert res.exit_code == 2 and res.output.startswith("error:") and len(res.output.strip().splitlines()) == 1

@@ -127,6 +127,25 @@ def test_cost_cli_on_config_only_directory(tmp_path):
     assert out.exit_code == 2 and out.output.startswith("error:") and "does not fit" in out.output
 
 
+
+def test_cost_takes_the_dtype_aliases_every_other_command_takes(tmp_path):
+    """One dtype vocabulary (issue 13): `cost --dtype float16` is `fp16`, as in bench / kld / distill; the
+    library functions canonicalise too, and an unknown name is still one line naming what is allowed."""
+    (tmp_path / "config.json").write_text(config_json(LLAMA_8B))
+    run = lambda *a: CliRunner().invoke(app, ["cost", str(tmp_path), "--scenario", "128/128", "--json", *a])
+    canonical = json.loads(run("--dtype", "fp16", "--kv-dtype", "fp16").output)
+    for alias, kv in (("float16", "float16"), ("half", "fp16"), ("FP16", "Float16")):
+        out = run("--dtype", alias, "--kv-dtype", kv)
+        assert out.exit_code == 0, out.output
+        assert json.loads(out.output) == canonical
+    assert predict(LLAMA_8B, H100, Scenario(128, 128), dtype="bfloat16").kv_dtype == "bf16"
+    assert cost(LLAMA_8B.blocks[0], dtype="float32") == cost(LLAMA_8B.blocks[0], dtype="fp32")
+    assert batch_limits(LLAMA_8B, H100, SC, "bfloat16") == batch_limits(LLAMA_8B, H100, SC, "bf16")
+    out = run("--dtype", "int3")
+    assert out.exit_code == 2
+    assert out.output.strip() == "error: unknown dtype 'int3'; choose from fp32, bf16, fp16, fp8, nvfp4"
+
+
 # ---------------------------------------------------------------------------- issue 15: memory, KV dtype, TP, engine
 LLAMA_70B = ArchSpec.llama(vocab_size=128256, hidden_size=8192, num_layers=80, num_attention_heads=64,
                            num_kv_heads=8, intermediate_size=28672)

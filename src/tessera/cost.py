@@ -106,7 +106,9 @@ def block_cost(arch: ArchSpec, block: BlockSpec, hw: Hardware, scenario: Scenari
     """Cost of one block variant in the context of `arch` (hidden size, heads) for a whole scenario, on each of
     `tp` GPUs (times are the tensor-parallel group's wall time; bytes and KV bytes/token are the whole block's)."""
     eng = engine or engine_profile(hw)
-    wb, kvb = DTYPE_BYTES[dtype], DTYPE_BYTES[kv_dtype or default_kv_dtype(dtype)]
+    dtype = check_dtype(dtype)
+    kv_dtype = check_dtype(kv_dtype or default_kv_dtype(dtype), "KV-cache dtype", KV_DTYPES)
+    wb, kvb = DTYPE_BYTES[dtype], DTYPE_BYTES[kv_dtype]
     peak, bw = hw.peak(dtype), hw.mem_bw
     S, n_out = scenario.input_len, scenario.output_len
     ctx = S + np.arange(n_out)
@@ -292,7 +294,8 @@ def batch_limits(arch: ArchSpec, hw: Hardware, scenario: Scenario, dtype: str = 
     """The largest batch each limit allows: `memory` (weights + KV cache in the engine's share of one GPU),
     `engine` (its batch limit) and `cap` (the search cap). Raises when the weights alone do not fit."""
     eng = engine or engine_profile(hw)
-    kv_dtype = kv_dtype or default_kv_dtype(dtype)
+    dtype = check_dtype(dtype)
+    kv_dtype = check_dtype(kv_dtype or default_kv_dtype(dtype), "KV-cache dtype", KV_DTYPES)
     weights = weight_bytes_per_gpu(arch, dtype, tp)
     budget = eng.memory_budget(hw.mem_bytes, weights)
     per_seq = kv_bytes_per_sequence(arch, scenario, kv_dtype, tp)
@@ -315,7 +318,8 @@ def predict(arch: ArchSpec, hw: Hardware, scenario: Scenario, *, dtype: str = "b
             batch_cap: int = BATCH_CAP) -> Prediction:
     """Whole-model time for a batch of IN/OUT requests on tp GPUs; with batch='auto', the throughput-best batch
     that fits (searched up to `batch_cap`, the engine's batch limit and memory; `Prediction.batch_limits`)."""
-    kv_dtype = kv_dtype or default_kv_dtype(dtype)
+    dtype = check_dtype(dtype)  # canonical names from here on (`float16` -> `fp16`)
+    kv_dtype = check_dtype(kv_dtype or default_kv_dtype(dtype), "KV-cache dtype", KV_DTYPES)
     _check(arch, hw, dtype, kv_dtype, tp)
     eng = engine or engine_profile(hw)
     if batch_cap < 1:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tessera.devices import format_name
 from tessera.errors import TesseraError
 
 # Bytes per element. NVFP4: 4 bits + one FP8 scale per 16 elements.
@@ -23,9 +24,12 @@ def default_kv_dtype(dtype: str) -> str:
 
 
 def check_dtype(dtype: str, what: str = "dtype", allowed: tuple[str, ...] = tuple(DTYPE_BYTES)) -> str:
-    if dtype not in allowed:
-        raise TesseraError(f"unknown {what} {dtype!r}; choose from {', '.join(allowed)}")
-    return dtype
+    """The canonical name of `dtype` (the aliases of `tessera.devices`, e.g. `float16` -> `fp16`, are accepted,
+    as every compute command accepts them), or one clear error naming what is allowed."""
+    try:
+        return format_name(dtype, allowed)
+    except TesseraError:
+        raise TesseraError(f"unknown {what} {dtype!r}; choose from {', '.join(allowed)}") from None
 
 
 @dataclass(frozen=True)

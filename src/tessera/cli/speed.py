@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from tessera.cli.app import app, console, err_console, friendly, int_list, load_arch
+from tessera.cli.app import DEVICE_HELP, DTYPE_HELP, app, console, err_console, friendly, int_list, load_arch, load_model
 from tessera.errors import TesseraError
 from tessera.io import refuse_overwrite
 
@@ -18,31 +18,25 @@ from tessera.io import refuse_overwrite
 def bench(model: str = typer.Argument(..., help="'default', a model directory or .gguf"),
           scenarios: str = typer.Option("128/128,128/1024,2048/128", help="comma-separated IN/OUT token lengths"),
           batch_sizes: str = typer.Option("1", "--batch-sizes", help="comma-separated batch sizes"),
-          device: str = typer.Option("cpu", help="cpu | cuda"),
-          dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default: float32 on cpu, bf16 on cuda)"),
+          device: str = typer.Option("auto", help=DEVICE_HELP), dtype: str = typer.Option(None, help=DTYPE_HELP),
           reps: int = typer.Option(3, min=1), compile: bool = typer.Option(False, help="torch.compile the decode step"),
           cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="replay the decode step as a CUDA graph"),
           as_json: bool = typer.Option(False, "--json")):
     """Measured prefill / decode / end-to-end tokens/s over the KV cache, per serving scenario and batch."""
-    import torch
-
     from tessera.bench import bench as run_bench
-    from tessera.checkpoint import load
     from tessera.cost import Scenario
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TesseraError("--device cuda but no CUDA device is visible; use --device cpu")
     scen = [Scenario.parse(x.strip()) for x in scenarios.split(",") if x.strip()]
     sizes = int_list(batch_sizes, "--batch-sizes")
-    m = load(model, dtype=dtype or ("bfloat16" if device == "cuda" else None), device=device, with_tokenizer=False)
-    if cuda_graphs and device != "cuda":
+    m = load_model(model, device, dtype, with_tokenizer=False)  # the one --device / --dtype vocabulary
+    if cuda_graphs and m.device.type != "cuda":
         raise TesseraError("--cuda-graphs needs --device cuda")
     results = run_bench(m, scen, sizes, reps=reps, compile=compile, cuda_graphs=cuda_graphs,
                         progress=None if as_json else lambda r: err_console.print(f"  {r.scenario} batch {r.batch} done"))
     if as_json:
         typer.echo(json.dumps([r.as_dict() for r in results], indent=2))
         return
-    table = Table(title=f"{model} on {device} ({m.dtype}), median of {reps}")
+    table = Table(title=f"{model} on {m.device} ({m.dtype}), median of {reps}")
     for col in ("scenario", "batch", "prefill tok/s", "decode tok/s", "decode min..max", "end-to-end tok/s"):
         table.add_column(col, justify="right")
     for r in results:
