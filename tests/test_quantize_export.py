@@ -202,3 +202,35 @@ def test_cli_quantize_inspect_and_eval_commands(model, tmp_path, shared_dir):
     assert r.exit_code == 2 and "unknown quantization scheme 'int2'" in r.output
     r = cli("quantize", src, "--scheme", "fp8", "--out", out)
     assert r.exit_code == 2 and "--force" in r.output
+
+
+@pytest.mark.parametrize("scheme", ["fp8-dynamic", "nvfp4"])
+def test_gptq_act_order_keeps_the_layout_and_lowers_output_error(scheme):
+    """Act-order GPTQ: same scales as without it (each column under its own group's scale), the permutation is
+    undone (a diagonal Hessian gives round-to-nearest in any order), and on a layer whose inputs differ in scale
+    (a few high-energy channels, correlated with the rest) the held-out output error is lower than in-order GPTQ."""
+    from tessera.quantize.gptq import gptq_weight
+
+    args = get_scheme(scheme).weights
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=gen)
+    mix = torch.randn(64, 64, generator=gen) * 0.3 + torch.eye(64)
+    gain = torch.ones(64)
+    gain[torch.randperm(64, generator=gen)[:8]] = 8.0
+    x = (torch.randn(2048, 64, generator=gen) @ mix) * gain
+    xc, xh = x[:1024], x[1024:]
+
+    def dq(res):
+        return nx.nvfp4_dequantize(*res) if args.fp4 else nx.fp8_dequantize(*res)
+
+    diag = torch.diag(torch.linspace(1.0, 3.0, 64).flip(0)[torch.randperm(64, generator=gen)])
+    rtn = gptq_weight(w, diag * 1e6, args, act_order=False, dampening=0.0)
+    for ao in (False, True):
+        res = gptq_weight(w, diag * 1e6, args, act_order=ao, dampening=0.0)
+        assert torch.equal(dq(res), dq(rtn)) and all(torch.equal(a.float(), b.float()) for a, b in zip(res[1:], rtn[1:]))
+    h = xc.T @ xc
+    plain, ordered = gptq_weight(w, h, args, act_order=False), gptq_weight(w, h, args, act_order=True)
+    for a, b in zip(plain[1:], ordered[1:]):  # scales (and NVFP4's global scale) do not depend on the order
+        assert torch.equal(a.float(), b.float())
+    err = {k: (xh @ (dq(r) - w).T).pow(2).sum().item() for k, r in (("plain", plain), ("ordered", ordered))}
+    assert err["ordered"] < err["plain"], err

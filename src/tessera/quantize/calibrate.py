@@ -45,6 +45,7 @@ class CalibrationConfig:
     observer: str | None = None  # None: the scheme's (min-max unless set)
     gptq: bool = False  # GPTQ-style error compensation of the weights (needs calibration text)
     gptq_dampening: float = 0.01
+    gptq_act_order: bool = True  # GPTQ visits columns by decreasing Hessian diagonal (group scales unchanged)
     corpus: str | None = None  # None: the shared corpus
 
     def __post_init__(self):
@@ -168,7 +169,8 @@ def quantize_model(model: Transformer, scheme: Scheme | str, calib: DataSplit | 
     if cfg.gptq:
         from tessera.quantize.gptq import gptq_quantize_weights
 
-        gptq_quantize_weights(out, scheme, stats, observer=observer, dampening=cfg.gptq_dampening)
+        gptq_quantize_weights(out, scheme, stats, observer=observer, dampening=cfg.gptq_dampening,
+                              act_order=cfg.gptq_act_order)
     else:
         quantize_weights(out, scheme, observer=observer)
     apply_stats(out, scheme, stats, observer)

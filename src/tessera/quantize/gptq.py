@@ -5,7 +5,8 @@ layer's inputs (H = sum of x x^T over the calibration rows), is pushed onto the 
 layer's output on calibration-like inputs moves less than with round-to-nearest. Scales are fixed as the format
 needs them, all from the original weight by the chosen observer (min-max or MSE): FP8 per-tensor / per-channel
 scales, NVFP4's global scale and every group's E4M3 scale. The result is ordinary stored codes and scales,
-exported like any other.
+exported like any other. With act-order (the default) the columns are visited in order of decreasing Hessian
+diagonal, each still under its own group's scale ("static groups"), so act-order changes no stored layout.
 """
 
 from __future__ import annotations
@@ -43,19 +44,28 @@ def _inverse_hessian_factor(h: torch.Tensor, w: torch.Tensor, dampening: float) 
 
 
 def gptq_weight(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, observer: str = "minmax",
-                dampening: float = 0.01, scale_dtype: torch.dtype = torch.float32):
-    """GPTQ-quantized weight: (codes, scale) for FP8 or (codes, group scales, global scale) for NVFP4."""
+                dampening: float = 0.01, scale_dtype: torch.dtype = torch.float32, act_order: bool = False):
+    """GPTQ-quantized weight: (codes, scale) for FP8 or (codes, group scales, global scale) for NVFP4.
+
+    `act_order` quantizes the input columns in order of decreasing Hessian diagonal (the inputs with the most
+    energy first, so their error is spread over the most columns still free to absorb it); every column keeps
+    the scale of its own group, fixed up front, so the stored layout is unchanged."""
     w = w.detach().float().clone()
     out_f, in_f = w.shape
-    u = _inverse_hessian_factor(h, w, dampening)
-    q = torch.zeros_like(w)
     if args.fp4:
         gs = args.group_size or 16
         g = nx.nvfp4_global_scale(nx.amax(w, "tensor"))
         group_scales = nx.nvfp4_group_scales(search_amax(w, args, observer, global_scale=g), g)
+        col_eff = nx.nvfp4_effective_scale(group_scales, g).repeat_interleave(gs, dim=1)  # [out, in]
     else:
         scale = nx.fp8_scale(search_amax(w, args, observer, scale_dtype=scale_dtype), scale_dtype)
-        col_scale = scale.float().expand(out_f, 1)[:, 0] if scale.numel() > 1 else scale.float().reshape(1)
+        col_eff = scale.float().expand(out_f, 1).expand(out_f, in_f) if scale.numel() > 1 else \
+            scale.float().reshape(1, 1).expand(out_f, in_f)
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(in_f)
+    w, h, col_eff = w[:, perm], h[perm][:, perm], col_eff[:, perm]
+    u = _inverse_hessian_factor(h, w, dampening)
+    q = torch.zeros_like(w)
+    rnd = nx.round_e2m1 if args.fp4 else nx.round_e4m3
     for i1 in range(0, in_f, BLOCK):
         i2 = min(i1 + BLOCK, in_f)
         w1 = w[:, i1:i2].clone()
@@ -63,16 +73,14 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, observer: 
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if args.fp4:
-                eff = nx.nvfp4_effective_scale(group_scales[:, col // gs], g)
-                qc = nx.round_e2m1(w1[:, i] / eff) * eff
-            else:
-                qc = nx.round_e4m3(w1[:, i] / col_scale) * col_scale
+            eff = col_eff[:, col]
+            qc = rnd(w1[:, i] / eff) * eff
             q[:, col] = qc
             e = (w1[:, i] - qc) / u1[i, i]
             w1[:, i:] -= e[:, None] * u1[i, i:][None, :]
             err1[:, i] = e
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    q = q[:, torch.argsort(perm)]
     if args.fp4:
         codes = nx.nvfp4_quantize(q, group_scales, g)
         return codes, group_scales, g
@@ -80,7 +88,7 @@ def gptq_weight(w: torch.Tensor, h: torch.Tensor, args: QuantArgs, *, observer: 
 
 
 def gptq_quantize_weights(model: nn.Module, scheme: Scheme | str, stats: dict, *, observer: str = "minmax",
-                          dampening: float = 0.01) -> dict[str, QuantLinear]:
+                          dampening: float = 0.01, act_order: bool = True) -> dict[str, QuantLinear]:
     """Like `quantize_weights`, with each target's weight GPTQ-quantized from its calibration Hessian."""
     scheme = get_scheme(scheme)
     out = {}
@@ -96,7 +104,7 @@ def gptq_quantize_weights(model: nn.Module, scheme: Scheme | str, stats: dict, *
             if lin.bias is not None:
                 q.bias.data.copy_(lin.bias.detach())
             res = gptq_weight(w, st.hessian, scheme.weights, observer=observer, dampening=dampening,
-                              scale_dtype=w.dtype)
+                              scale_dtype=w.dtype, act_order=act_order)
             if scheme.weights.fp4:
                 q.set_nvfp4(nx.pack_fp4(res[0]), res[1], res[2])
             else:
