@@ -3,11 +3,15 @@ heterogeneous child per engine, all cut from the parent's own weights (no traini
 computes what tessera computes, not that the children are good).
 
 * parent      SmolLM2-135M-Instruct, 30 layers (plain Llama config)
-* minitron    hidden 576 -> 512, FFN 1536 -> 1024, layers 24-27 dropped (magnitude importance; plain Llama config)
+* minitron    hidden 576 -> 504, FFN 1536 -> 1024, layers 24-27 dropped (magnitude importance; plain Llama config).
+              512 is asked; `engine="vllm"` rounds it down to a multiple of the 9 heads, which transformers' and
+              so vLLM's LlamaConfig require. head_dim stays 64, so hidden != heads x head_dim (504 vs 576).
 * het-vllm    no-op attention in layers 22, 24, 26; one KV head in 3, 7, 11; FFN 1024 / 768 / 512 in 14-16;
               no-op FFN beside real attention in layer 28 (nemotron-nas config)
 * het-llamacpp  the same, but layer 28 empty (llama.cpp drops the attention of a layer whose FFN is no-op) and
               layer 20's attention replaced by one linear layer (vLLM has no path for that)
+* parent-fp8  the parent quantized by `tessera quantize --scheme fp8-dynamic` (compressed-tensors: FP8 weights per
+              output channel, activations FP8 per token at run time); for vLLM only
 
 `python benchmarks/engine_children.py OUT` writes them as checkpoint directories (and GGUF files for llama.cpp).
 """
@@ -72,7 +76,17 @@ def minitron_child(parent):
                  PruneTarget(hidden=512, ffn=1024, drop_layers=(24, 25, 26, 27)), engine="vllm")
 
 
-def build(out: str | Path, *, gguf_types: tuple[str, ...] = ("f32",)) -> dict[str, dict[str, Path]]:
+def fp8_child(parent):
+    from tessera.quantize.calibrate import quantize_model
+
+    return quantize_model(parent, "fp8-dynamic")  # dynamic activation scales: no calibration text
+
+
+VLLM_ONLY = ("het-vllm", "parent-fp8")
+
+
+def build(out: str | Path, *, gguf_types: tuple[str, ...] = ("f32",),
+          names: tuple[str, ...] | None = None) -> dict[str, dict[str, Path]]:
     """Write every model under `out` (reused when already there): {name: {"dir": ..., "f32": gguf, ...}}."""
     import tessera
     from tessera.formats.gguf_export import export_gguf
@@ -81,11 +95,13 @@ def build(out: str | Path, *, gguf_types: tuple[str, ...] = ("f32",)) -> dict[st
     parent = tessera.load("default", dtype="fp32")
     makers = {"parent": lambda: parent, "minitron": lambda: minitron_child(parent),
               "het-vllm": lambda: heterogeneous_child(parent, "vllm"),
-              "het-llamacpp": lambda: heterogeneous_child(parent, "llamacpp")}
+              "het-llamacpp": lambda: heterogeneous_child(parent, "llamacpp"), "parent-fp8": lambda: fp8_child(parent)}
     paths: dict[str, dict[str, Path]] = {}
     for name, make in makers.items():
+        if names is not None and name not in names:
+            continue
         directory = out / name
-        wanted = [t for t in gguf_types if name != "het-vllm"]
+        wanted = [t for t in gguf_types if name not in VLLM_ONLY]
         files = {t: out / f"{name}.{t}.gguf" for t in wanted}
         if not (directory / "config.json").is_file() or not all(f.is_file() for f in files.values()):
             model = make()

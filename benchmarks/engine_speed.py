@@ -61,7 +61,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    paths = build(out / "models", gguf_types=("f32", "q8_0"))
+    paths = build(out / "models", gguf_types=("f32", "q8_0"), names=MODELS)
     scenario = Scenario(args.prompt, args.decode)
     hw = get_hardware("cpu")
     request = {"prompts": [[1, 504, 3458, 282, 4649, 314, 253, 2095, 28, 9, 17, 15, 16]], "max_tokens": 1,

@@ -1,6 +1,6 @@
 from helpers import mixed_arch, tiny_arch
 from tessera.arch import AttentionSpec, BlockSpec, FFNSpec
-from tessera.formats.engines import ffn_width_expressible, incompatibilities, round_ffn_width
+from tessera.formats.engines import ffn_width_expressible, incompatibilities, round_ffn_width, round_hidden
 
 
 def test_vllm_rejects_linear_blocks_and_inexpressible_widths():
@@ -19,6 +19,20 @@ def test_llamacpp_rejects_linear_ffn_and_noop_ffn_beside_attention():
 def test_homogeneous_model_any_width_for_vllm_and_transformers_takes_all():
     assert incompatibilities(tiny_arch(ffn=40), "vllm") == []
     assert incompatibilities(mixed_arch(), "transformers") == []
+
+
+def test_hidden_not_a_multiple_of_heads_is_refused_by_vllm_and_transformers_only():
+    """A Minitron child that prunes the hidden size but keeps the heads (hidden 30, 4 heads x head_dim 8): transformers
+    5.x's LlamaConfig refuses hidden % heads != 0 even with head_dim, and vLLM reads configs through it."""
+    from dataclasses import replace
+
+    arch = replace(tiny_arch(), hidden_size=30)  # head_dim stays 8
+    for engine in ("vllm", "transformers"):
+        (problem,) = incompatibilities(arch, engine)
+        assert problem.layer is None and problem.part == "model" and "use a hidden size of 28" in problem.reason
+    assert incompatibilities(arch, "llamacpp") == []  # llama.cpp reads head_dim from attention.key_length
+    assert incompatibilities(tiny_arch(hidden=28, heads=4), "vllm") == []
+    assert round_hidden(30, 4, "vllm") == 28 and round_hidden(30, 4, "llamacpp") == 30 and round_hidden(28, 4, "vllm") == 28
 
 
 def test_round_ffn_width_for_vllm():
@@ -144,6 +158,22 @@ def test_prune_engine_rounds_per_layer_widths_for_vllm():
     assert incompatibilities(child.arch, "vllm") == []
     assert incompatibilities(prune(parent, imp, target).arch, "vllm")  # without --engine: widths vLLM misreads
     assert fit_engine(PruneTarget(ffn=300), parent.arch, "vllm").ffn == 300  # homogeneous child: any width
+
+
+def test_prune_engine_vllm_rounds_hidden_to_a_multiple_of_the_heads():
+    """The engine check's Minitron child: hidden pruned, every head kept. For vLLM the hidden size is rounded down
+    to a multiple of the heads (head_dim unchanged); llama.cpp takes it as asked."""
+    from helpers import random_model
+    from tessera.importance import magnitude_importance
+    from tessera.prune import PruneTarget, fit_engine, prune
+
+    parent = random_model(tiny_arch(layers=2, hidden=36, heads=4, ffn=64))  # head_dim 9
+    imp = magnitude_importance(parent)
+    child = prune(parent, imp, PruneTarget(hidden=30, ffn=48), engine="vllm")
+    assert (child.arch.hidden_size, child.arch.num_attention_heads, child.arch.head_dim) == (28, 4, 9)
+    assert incompatibilities(child.arch, "vllm") == [] and incompatibilities(child.arch, "transformers") == []
+    assert prune(parent, imp, PruneTarget(hidden=30, ffn=48), engine="llamacpp").arch.hidden_size == 30
+    assert fit_engine(PruneTarget(hidden=30, heads=3), parent.arch, "vllm").hidden == 30  # 3 heads divide 30
 
 
 def test_prune_engine_refuses_a_child_the_engine_cannot_serve():

@@ -123,6 +123,23 @@ def test_homogeneous_model_exports_as_llama_with_tied_embeddings(tmp_path):
     _check_tensors(model, reader, atol=2e-3)
 
 
+def test_head_dim_is_written_when_hidden_is_not_heads_times_head_dim(tmp_path):
+    """A Minitron child (hidden pruned, heads kept): llama.cpp would infer head_dim = hidden / heads without
+    attention.key_length / value_length and rope.dimension_count, so all three carry the real head_dim."""
+    from dataclasses import replace
+
+    arch = replace(tiny_arch(vocab=VOCAB, hidden=32, heads=4), hidden_size=28)  # 4 heads x head_dim 8 = 32 != 28
+    model = _model(arch)
+    export_gguf(model, tmp_path / "m.gguf", "f32", pre_tokenizer="gpt-2")
+    reader, f = _read(tmp_path / "m.gguf")
+    assert f["llama.embedding_length"] == 28 and f["llama.attention.head_count"] == 4
+    assert f["llama.attention.key_length"] == f["llama.attention.value_length"] == 8
+    assert f["llama.rope.dimension_count"] == 8
+    shapes = {t.name: t.shape.tolist() for t in reader.tensors}
+    assert shapes["blk.0.attn_q.weight"] == [28, 32] and shapes["blk.0.attn_output.weight"] == [32, 28]
+    _check_tensors(model, reader)
+
+
 def test_q8_0_export_dequantises_close(tmp_path):
     import gguf
 

@@ -21,7 +21,8 @@ MAX_TOKENS = 32
 TEXTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
          "Water boils at a temperature of"]
 CHAT = "What is the tallest mountain in the world?"
-ENGINE_MODELS = {"vllm": ("parent", "minitron", "het-vllm"), "llamacpp": ("parent", "minitron", "het-llamacpp")}
+ENGINE_MODELS = {"vllm": ("parent", "minitron", "het-vllm"),
+                 "llamacpp": ("parent", "minitron", "het-llamacpp")}
 
 
 def _venv(engine: str) -> Path:

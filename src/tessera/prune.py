@@ -289,20 +289,28 @@ def _layer_tensors(model: Transformer, i: int) -> dict[str, torch.Tensor]:
 
 
 def fit_engine(target: PruneTarget, arch: ArchSpec, engine: str | None) -> PruneTarget:
-    """`target` with its MLP widths rounded down to ones `engine` serves exactly (`round_ffn_width`). Only a
-    heterogeneous child needs it: vLLM reads a homogeneous child's width from `intermediate_size`, any width."""
-    from tessera.formats.engines import check_engine, round_ffn_width
+    """`target` rounded to what `engine` serves exactly. A child that stays a plain Llama keeps any MLP width (vLLM
+    reads `intermediate_size`), but vLLM and transformers need its hidden size to be a multiple of the attention
+    heads (`round_hidden`, rounded down). A heterogeneous child keeps any hidden size but its MLP widths are rounded
+    down to ones vLLM's `ffn_mult` rule expresses (`round_ffn_width`)."""
+    from tessera.formats.engines import check_engine, round_ffn_width, round_hidden
 
-    if engine is None or target.ffn is None:
+    if engine is None:
         return target
     check_engine(engine)
-    hidden = target.hidden or arch.hidden_size
-    widths = target.ffn if isinstance(target.ffn, tuple) else (target.ffn,)
+    widths = (target.ffn if isinstance(target.ffn, tuple) else (target.ffn,)) if target.ffn is not None else ()
     blocks = arch.blocks
     uniform_rest = (all(b.attention.kind == "gqa" and b.ffn.kind == "swiglu" for b in blocks)
                     and (target.kv_heads is not None or len({b.attention for b in blocks}) == 1))
-    if len(set(widths)) == 1 and uniform_rest:  # the child stays a plain Llama
+    uniform_ffn = len(set(widths)) == 1 if widths else len({b.ffn for b in blocks}) == 1
+    if uniform_ffn and uniform_rest:  # the child stays a plain Llama
+        if target.hidden is not None:
+            hidden = round_hidden(target.hidden, target.heads or arch.num_attention_heads, engine)
+            target = replace(target, hidden=hidden)
         return target
+    if target.ffn is None:
+        return target
+    hidden = target.hidden or arch.hidden_size
     rounded = tuple(round_ffn_width(w, hidden, engine) for w in widths)
     return replace(target, ffn=rounded if isinstance(target.ffn, tuple) else rounded[0])
 

