@@ -3,17 +3,19 @@ Llama-3.1-8B (random bf16 weights), run layer by layer (`tessera.stream`).
 
     .venv/bin/python benchmarks/scale.py [--dir /work/scratch/scale] [--stages build,inspect,...] [--samples 4]
 
-`build` writes the parent (32 layers, hidden 4096, 32 heads / 8 KV heads, FFN 14336, vocab 128256: 8.0 B
-parameters, 16 GB in bf16) tensor by tensor into safetensors shards with `tessera.stream.checkpoint_writer`, so it
-is never whole in memory; the tokenizer is the default parent's (its ids are a subset of the vocabulary). It is
-reused when it is already there. Then every stage runs as its own `tessera` command in a child process, and its
-wall time and peak resident memory (`os.wait4`'s rusage of that process: ru_maxrss) are printed side by side:
+Stages already run can be left out (`--stages quantize,kld`): the parent, the importance scores and the pruned
+child are reused from DIR when there. `build` writes the parent (32 layers, hidden 4096, 32 heads / 8 KV heads, FFN
+14336, vocab 128256: 8.0 B parameters, 16 GB in bf16) tensor by tensor into safetensors shards with
+`tessera.stream.checkpoint_writer`, so it is never whole in memory; the tokenizer is the default parent's (its ids
+are a subset of the vocabulary). It is reused when it is already there (--rebuild writes it again). Then every
+stage runs as its own `tessera` command in a child process, and its wall time, CPU time and peak resident memory
+(`os.wait4`'s rusage of that process: ru_maxrss) are printed side by side:
 
     inspect      config and shard headers checked, nothing loaded
     cost         the roofline prediction (config only)
     importance   activation importance (+ drop-one-layer scores) on a few calibration chunks, streamed
     prune        Minitron prune to 50 % FFN + 75 % hidden with those scores, written shard by shard
-    quantize     fp8-dynamic (when `tessera quantize` exists)
+    quantize     fp8-dynamic, streamed: each bf16 layer read, quantized and written shard by shard
     puzzle       the Puzzle library + BLD + replace-1-block scoring for two layers (library API, streamed)
     kld          KL(parent || pruned child) with both streamed
 
@@ -195,7 +197,8 @@ def main() -> None:
                 rows.append({"stage": stage, "exit": None, "note": "not run: no quantize command"})
                 continue
             rows.append(run_stage(stage, [*tessera, "quantize", str(parent), "--scheme", "fp8-dynamic", "--out",
-                                          str(d / "fp8"), "--stream", "on", "--force"], env))
+                                          str(d / "fp8"), "--device", "cpu", "--dtype", "bf16", "--stream", "on",
+                                          "--force"], env))
         elif stage == "puzzle":
             rows.append(run_stage(stage, [sys.executable, __file__, "--puzzle-only", str(parent), str(d / "puzzle"),
                                           str(args.samples), str(args.seq_len)], env))

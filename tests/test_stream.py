@@ -280,6 +280,20 @@ def test_puzzle_calibration_streamed_equals_in_memory(saved):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_puzzle_linear_fits_are_solved_layer_by_layer(saved, monkeypatch):
+    """The library's float64 normal equations exist for one layer at a time (8.6 GB for every layer of an 8B
+    parent): each layer's fit is solved as the pass moves on to the next layer."""
+    from tessera.puzzle import library
+
+    pending = []
+    solve = library._LinearFit._solve_pending
+    monkeypatch.setattr(library._LinearFit, "_solve_pending", lambda self: (pending.append(len(self.gram)), solve(self)))
+    chunks = torch.randint(0, 96, (5, 12), generator=torch.Generator().manual_seed(9))
+    stats = library.calibrate(open_streamed(saved / "fp32"), chunks, batch_size=2)
+    assert pending == [0, 1, 1, 1, 1]  # layer 0 starts with none pending; then one layer each time
+    assert sorted(k for k in stats if k.startswith("linear_ffn.")) == [f"linear_ffn.{i}" for i in range(4)]
+
+
 def test_scale_benchmark_builds_a_streamable_parent_and_measures_a_child(tmp_path):
     """benchmarks/scale.py (not run in CI): its parent is written tensor by tensor in the asked shape and opens
     streamed; a stage's peak RSS is the child process's own."""
@@ -299,6 +313,102 @@ def test_scale_benchmark_builds_a_streamable_parent_and_measures_a_child(tmp_pat
                           dict(__import__("os").environ))
     # (a child's ru_maxrss starts at its parent's high-water mark, inherited through fork/exec: only a floor here)
     assert row["exit"] == 0 and row["peak_rss_gib"] > 0.29
+
+
+# ---------------------------------------------------------------------------- quantization
+def assert_same_quantized_dirs(a, b):
+    """Two quantized checkpoints are the same: every tensor (weights, scales; tessera stores no zero points) equal,
+    every file byte for byte, the provenance record equal but for the seconds it took."""
+    from safetensors.torch import load_file
+
+    fa, fb = files_bytes(a), files_bytes(b)
+    assert fa.keys() == fb.keys()
+    ta = {k: v for f in sorted(a.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    tb = {k: v for f in sorted(b.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+    for name in fa:
+        if name == "tessera.json":
+            ja, jb = json.loads(fa[name]), json.loads(fb[name])
+            for j in (ja, jb):
+                assert j["history"][-1]["stage"] == "quantize"
+                j["history"][-1].pop("seconds")
+            assert ja == jb
+        else:
+            assert fa[name] == fb[name], name
+    return ta
+
+
+QUANT_CASES = [  # scheme, gptq, observer, kv-cache scales, the scale tensors that must be there
+    ("fp8", False, None, True, ("input_scale", "weight_scale", "k_scale")),
+    ("fp8", True, "mse", False, ("input_scale", "weight_scale")),
+    ("fp8-dynamic", False, None, False, ("weight_scale",)),
+    ("fp8-dynamic", True, None, False, ("weight_scale",)),
+    ("nvfp4", False, "mse", False, ("input_global_scale", "weight_global_scale", "weight_packed")),
+    ("nvfp4", True, None, True, ("input_global_scale", "weight_global_scale", "weight_packed", "v_scale")),
+]
+
+
+@pytest.mark.parametrize("scheme, gptq, observer, kv, scales", QUANT_CASES,
+                         ids=["fp8", "fp8-gptq-mse", "fp8-dynamic", "fp8-dynamic-gptq", "nvfp4-mse", "nvfp4-gptq-kv"])
+@pytest.mark.parametrize("source", ["fp32", "bf16"])
+def test_quantize_streamed_equals_in_memory(saved, tmp_path, source, scheme, gptq, observer, kv, scales):
+    """Quantizing a streamed parent layer by layer (calibration, GPTQ and writing shard by shard in one pass) gives
+    the scales, packed weights and files of quantizing it loaded whole."""
+    from tessera.checkpoint import save
+    from tessera.quantize import get_scheme
+    from tessera.quantize.calibrate import CalibrationConfig, quantize_model
+    from tessera.quantize.export import quantize_to_dir
+
+    sch = get_scheme(scheme).with_options(observer=observer, kv_cache=kv or None)
+    cfg = CalibrationConfig(samples=5, seq_len=12, batch_size=2, gptq=gptq)
+    calib = torch.randint(4, 96, (5, 12), generator=torch.Generator().manual_seed(4))
+    q = quantize_model(tessera.load(saved / source), sch, calib, config=cfg)
+    save(q, tmp_path / "whole", max_shard_bytes=20_000)
+    streamed = open_streamed(saved / source)
+    rec = quantize_to_dir(streamed, sch, calib, tmp_path / "streamed", config=cfg, max_shard_bytes=20_000)
+    assert rec["calibration"] == q.quantization["calibration"]
+    assert len(list((tmp_path / "streamed").glob("*.safetensors"))) > 1  # written shard by shard
+    assert streamed.streamed.loads == streamed.arch.num_layers  # each layer read once, none left behind
+    assert all(p.is_meta for p in streamed.model.layers.parameters())
+    tensors = assert_same_quantized_dirs(tmp_path / "streamed", tmp_path / "whole")
+    for leaf in scales:
+        assert any(k.endswith(leaf) for k in tensors), leaf
+    # the same function on the model loaded whole writes the same directory too
+    quantize_to_dir(tessera.load(saved / source), sch, calib, tmp_path / "loaded", config=cfg, max_shard_bytes=20_000)
+    assert_same_quantized_dirs(tmp_path / "loaded", tmp_path / "whole")
+    from tessera.quantize import quant_layers
+
+    assert len(quant_layers(tessera.load(tmp_path / "streamed"))) == len(quant_layers(q)) == 7 * 4
+
+
+@pytest.mark.parametrize("args", [["--scheme", "fp8", "--kv-cache"], ["--scheme", "fp8-dynamic"],
+                                  ["--scheme", "nvfp4", "--gptq", "--format", "modelopt"]],
+                         ids=["fp8-kv", "fp8-dynamic", "nvfp4-gptq-modelopt"])
+def test_cli_quantize_stream_on_equals_off(saved, tmp_path, args):
+    data = tmp_path / "calib.txt"
+    data.write_text(" ".join(f"w{i % 90}" for i in range(4000)))
+    common = ["--calib-file", data, "--calib-samples", 4, "--calib-seq-len", 16, "--batch-size", 3, "--device", "cpu"]
+    for mode in ("on", "off"):
+        r = cli("quantize", saved / "bf16", *args, "--out", tmp_path / mode, *common, "--stream", mode, "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["streamed"] is (mode == "on")
+    assert_same_quantized_dirs(tmp_path / "on", tmp_path / "off")
+    r = cli("quantize", "default", *args, "--out", tmp_path / "x", "--stream", "on")
+    assert_one_line_error(r, "--stream on needs a model directory")
+
+
+def test_streamed_quantize_refuses_targets_outside_the_layers(saved, tmp_path):
+    from dataclasses import replace
+
+    from tessera.quantize import get_scheme
+    from tessera.quantize.export import quantize_to_dir
+
+    sch = replace(get_scheme("fp8-dynamic"), targets=("re:lm_head",), ignore=())
+    with pytest.raises(TesseraError, match="lm_head is outside the decoder layers"):
+        quantize_to_dir(open_streamed(saved / "fp32"), sch, None, tmp_path / "q")
+    assert not (tmp_path / "q").exists()
 
 
 # ---------------------------------------------------------------------------- broken checkpoints

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from tessera.cli.app import DEVICE_HELP, DTYPE_HELP, app, console, echo_json, err_console, friendly, load_model
+from tessera.cli.app import DEVICE_HELP, DTYPE_HELP, STREAM_HELP, app, console, echo_json, err_console, friendly, load_model
 
 
 @app.command()
@@ -30,16 +30,20 @@ def quantize(model: str = typer.Argument(..., help="'default', a model directory
                                                  help="FP8 weights per 'tensor' or 'channel' (fp8 default: tensor)"),
              batch_size: int = typer.Option(4, "--batch-size", min=1),
              device: str = typer.Option("auto", help=DEVICE_HELP), dtype: str = typer.Option(None, help=DTYPE_HELP),
+             stream: str = typer.Option("auto", "--stream", help=STREAM_HELP),
              force: bool = typer.Option(False, "--force", help="overwrite --out"),
              as_json: bool = typer.Option(False, "--json")):
     """Post-training quantization to FP8 (static or dynamic) or NVFP4, calibrated layer by layer on text, written
-    as a compressed-tensors (vLLM) or modelopt checkpoint that tessera loads back like any other."""
+    as a compressed-tensors (vLLM) or modelopt checkpoint that tessera loads back like any other. A streamed parent
+    (--stream) is read, quantized and written one layer at a time, never whole in memory; the output is the same."""
     from rich.progress import Progress
 
     from tessera.io import refuse_overwrite
     from tessera.quantize import get_scheme
     from tessera.quantize.calibrate import CalibrationConfig, calibration_data, quantize_model
-    from tessera.quantize.export import check_format, export
+    from tessera.quantize.export import check_format, export, quantize_to_dir
+    from tessera.quantize.schemes import resolve_targets
+    from tessera.stream import is_streamed
 
     refuse_overwrite(out, force, "output directory")
     sch = get_scheme(scheme).with_options(ignore=ignore, observer=observer, kv_cache=kv_cache or None,
@@ -47,18 +51,23 @@ def quantize(model: str = typer.Argument(..., help="'default', a model directory
     check_format(sch.name, fmt)
     cfg = CalibrationConfig(samples=calib_samples, seq_len=calib_seq_len, batch_size=batch_size, observer=observer,
                             gptq=gptq, corpus=str(calib_file) if calib_file else None)
-    m = load_model(model, device, dtype)
+    m = load_model(model, device, dtype, stream=stream)
+    stream_on = is_streamed(m)
     data = calibration_data(m.tokenizer, cfg) if (sch.needs_calibration or gptq) else None
     with Progress(console=err_console, transient=True, disable=as_json) as bar:
-        task = bar.add_task(f"calibrating {sch.name}", total=m.arch.num_layers)
-        q = quantize_model(m, sch, data, config=cfg, inplace=True,
-                           progress=lambda i, n: bar.update(task, completed=i, total=n))
-    del m
-    export(q, out, fmt, force=force)
-    rec = q.quantization
+        task = bar.add_task(f"quantizing to {sch.name}", total=m.arch.num_layers)
+        tick = lambda i, n: bar.update(task, completed=i, total=n)  # noqa: E731
+        if is_streamed(m):  # calibrated, quantized and written layer by layer
+            n_quant = len(resolve_targets(m, sch))
+            rec = quantize_to_dir(m, sch, data, out, fmt=fmt, config=cfg, force=force, progress=tick)
+        else:
+            q = quantize_model(m, sch, data, config=cfg, inplace=True, progress=tick)
+            del m
+            export(q, out, fmt, force=force)
+            rec, n_quant = q.quantization, sum(1 for _ in _quant(q))
     payload = {"out": str(out), "scheme": sch.name, "format": fmt, "observer": rec["observer"], "gptq": gptq,
-               "quantized_layers": sum(1 for _ in _quant(q)), "calibration": rec["calibration"],
-               "seconds": rec["seconds"]}
+               "quantized_layers": n_quant, "calibration": rec["calibration"], "seconds": rec["seconds"],
+               "streamed": stream_on}
     if as_json:
         echo_json(payload)
         return

@@ -331,7 +331,7 @@ def calibrate(parent: Transformer, chunks: torch.Tensor, *, batch_size: int = 8)
     from tessera.importance import activation_importance
 
     fits = _LinearFit(parent)
-    with fits:  # its hooks accumulate the normal equations during the importance pass
+    with fits:  # its hooks accumulate the normal equations during the importance pass, solved layer by layer
         imp = activation_importance(parent, chunks, batch_size=batch_size, seq_agg="mean", batch_agg="mean")
     from tessera.stream.model import tensor
 
@@ -340,21 +340,27 @@ def calibrate(parent: Transformer, chunks: torch.Tensor, *, batch_size: int = 8)
         if block.mlp is not None and hasattr(block.mlp, "down_proj"):  # (a streamed parent: read from its shard)
             w_down = tensor(parent, f"model.layers.{i}.mlp.down_proj.weight").detach().float()
             stats[f"ffn_contribution.{i}"] = (imp.neurons[i].float() * w_down.norm(dim=0)).contiguous()
-        if i in fits.gram:
-            stats[f"linear_ffn.{i}"] = fits.solve(i).contiguous()
+        if i in fits.solved:
+            stats[f"linear_ffn.{i}"] = fits.solved.pop(i).contiguous()
         if i in imp.heads:
             stats[f"head_importance.{i}"] = imp.heads[i].float().contiguous()
     return stats
 
 
 class _LinearFit:
-    """Hooks that accumulate Z^T Z and Z^T F (float64) for each FFN: Z its normed input, F its output."""
+    """Hooks that accumulate Z^T Z and Z^T F (float64) for each FFN (Z its normed input, F its output) and solve
+    the least-squares fit of a layer as soon as the pass has moved on to the next one.
+
+    The importance pass is layer by layer (`tessera.stream.run_layers`: every batch through layer i before layer
+    i + 1), so only one layer's float64 normal equations exist at a time (2 x hidden^2 x 8 bytes: 268 MB at
+    hidden 4096, where keeping every layer's would take 8.6 GB for an 8B parent); the fits kept are float32."""
 
     def __init__(self, model: Transformer):
         self.model = model
         self.gram: dict[int, torch.Tensor] = {}
         self.cross: dict[int, torch.Tensor] = {}
         self.count: dict[int, int] = {}
+        self.solved: dict[int, torch.Tensor] = {}
         self._hooks = []
 
     def __enter__(self):
@@ -366,6 +372,7 @@ class _LinearFit:
                 z = args[0].detach().reshape(-1, args[0].shape[-1]).double()
                 f = out.detach().reshape(-1, out.shape[-1]).double()
                 if i not in self.gram:
+                    self._solve_pending()  # the pass has left the previous layer for good
                     h = z.shape[1]
                     self.gram[i] = torch.zeros(h, h, dtype=torch.float64)
                     self.cross[i] = torch.zeros(h, f.shape[1], dtype=torch.float64)
@@ -381,6 +388,15 @@ class _LinearFit:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if exc[0] is None:
+            self._solve_pending()
+
+    def _solve_pending(self) -> None:
+        for i in list(self.gram):
+            if i in self.solved:
+                raise RuntimeError(f"layer {i}'s FFN ran again after its fit was solved; the pass is not layer by layer")
+            self.solved[i] = self.solve(i)
+            del self.gram[i], self.cross[i]
 
     def solve(self, i: int) -> torch.Tensor:
         """W (out x in) minimising sum ||W z - f||^2; a vanishing ridge keeps rank-deficient data solvable."""
@@ -400,7 +416,14 @@ def init_variant(parent: Transformer, layer: int, variant: Variant,
     why = _fits(arch, layer, variant.native)
     if why is not None:
         raise TesseraError(f"layer {layer}: variant {variant.key} does not fit the parent: {why}")
-    block = parent.model.layers[layer]
+    from tessera.stream import layer as materialised
+
+    with materialised(parent, layer) as block:  # a streamed parent's layer is read for this (and let go after)
+        return _init_from_block(parent.arch, block, layer, variant, stats)
+
+
+def _init_from_block(arch: ArchSpec, block: Block, layer: int, variant: Variant,
+                     stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     own = {k: v.detach().clone() for k, v in block.state_dict().items()}
     pa, pf = parent_variants(arch, layer)
     v = variant.native

@@ -75,11 +75,21 @@ class LayerStats:
 
 
 class _CalibrationObserver(Observer):
-    def __init__(self, needs: dict[str, tuple[bool, bool]], kv: set[str], head_dim: int, gptq: set[str]):
+    def __init__(self, needs: dict[str, tuple[bool, bool]], kv: set[str], head_dim: int, gptq: set[str],
+                 on_layer: Callable | None = None, batches: int = 0):
         self.needs, self.kv, self.head_dim, self.gptq = needs, kv, head_dim, gptq
         self.stats: dict[str, LayerStats] = {}
+        self.on_layer, self.batches = on_layer, batches
+        self.block = None
+
+    def after_batch(self, i: int, b: int, x, y) -> None:
+        if self.on_layer is not None and b == self.batches - 1:  # layer i has seen every batch: hand it over
+            prefix = f"model.layers.{i}."
+            done = {n: self.stats.pop(n) for n in list(self.stats) if n.startswith(prefix)}
+            self.on_layer(i, self.block, done)
 
     def attach(self, i: int, block) -> list:
+        self.block = block
         handles = []
         for rel, mod in block.named_modules():
             full = f"model.layers.{i}.{rel}"
@@ -115,9 +125,15 @@ class _CalibrationObserver(Observer):
 
 def calibrate(model: Transformer, scheme: Scheme | str, data: DataSplit | torch.Tensor, *, batch_size: int = 4,
               observer: str | None = None, gptq: bool = False,
-              progress: Callable[[int, int], None] | None = None) -> dict[str, LayerStats]:
+              progress: Callable[[int, int], None] | None = None,
+              on_layer: Callable[[int, torch.nn.Module, dict[str, LayerStats]], None] | None = None
+              ) -> dict[str, LayerStats]:
     """Statistics of every target layer's inputs (and k/v outputs for KV-cache scales) over `data`, one layer at a
-    time; the model is left unchanged. Targets outside the decoder layers cannot be calibrated (one line)."""
+    time; the model is left unchanged. Targets outside the decoder layers cannot be calibrated (one line).
+
+    With `on_layer`, `on_layer(i, block, stats_of_layer_i)` is called as soon as layer i has seen every batch,
+    while it is still materialised, and its statistics are handed over rather than kept (a streamed quantization
+    quantizes and writes the layer there, so at most one layer's statistics, GPTQ Hessians included, exist)."""
     scheme = get_scheme(scheme)
     obs = observer or scheme.observer
     targets = resolve_targets(model, scheme)
@@ -133,7 +149,10 @@ def calibrate(model: Transformer, scheme: Scheme | str, data: DataSplit | torch.
     chunks = data.chunks if isinstance(data, DataSplit) else data
     if chunks.numel() == 0:
         raise TesseraError("calibration text gave no tokens; pass a longer corpus or fewer --calib-seq-len")
-    ob = _CalibrationObserver(needs, kv, model.arch.head_dim, want_gptq)
+    from tessera.stream.executor import batch_slices
+
+    ob = _CalibrationObserver(needs, kv, model.arch.head_dim, want_gptq, on_layer,
+                              len(batch_slices(len(chunks), batch_size)))
     run_layers(model, chunks, batch_size=batch_size, observer=ob, progress=progress).close()
     return ob.stats
 
@@ -153,13 +172,8 @@ def quantize_model(model: Transformer, scheme: Scheme | str, calib: DataSplit | 
     observer = cfg.observer or scheme.observer
     if is_streamed(model):
         raise TesseraError("a streamed model cannot be quantized in memory; use tessera.quantize.export.quantize_to_dir "
-                           "(tessera quantize writes streamed parents layer by layer)")
-    if quant_layers(model):
-        raise TesseraError("the model is already quantized; quantize the unquantized parent")
-    resolve_targets(model, scheme)  # refuse bad targets before any work
-    if (scheme.needs_calibration or cfg.gptq) and calib is None:
-        raise TesseraError(f"scheme {scheme.name} needs calibration text (static activation / KV scales or GPTQ); "
-                           "pass calibration data")
+                           "(tessera quantize --stream on writes a streamed parent layer by layer)")
+    check_quantizable(model, scheme, cfg, calib)
     t0 = time.perf_counter()
     stats = {}
     if calib is not None and (scheme.needs_calibration or cfg.gptq):
@@ -174,34 +188,56 @@ def quantize_model(model: Transformer, scheme: Scheme | str, calib: DataSplit | 
     else:
         quantize_weights(out, scheme, observer=observer)
     apply_stats(out, scheme, stats, observer)
-    seconds = time.perf_counter() - t0
-    record = {"stage": "quantize", "scheme": scheme.name, "config_group": scheme.to_config_group(),
-              "ignore": list(scheme.ignore), "kv_cache": scheme.kv_cache is not None, "observer": observer,
-              "calibration": None if calib is None or not stats else
-              (calib.record() if isinstance(calib, DataSplit) else {"chunks": len(calib), "seq_len": calib.shape[1]}),
-              "config": asdict(cfg), "seconds": round(seconds, 3)}
+    record = quantize_record(scheme, cfg, calib if stats else None, time.perf_counter() - t0)
     out.quantization = record
     out.provenance = [*getattr(model, "provenance", []), record]
     return out
 
 
+def quantize_record(scheme: Scheme, cfg: CalibrationConfig, calib: DataSplit | torch.Tensor | None,
+                    seconds: float) -> dict:
+    """The provenance record of a quantization (`calib`: the data the scales were calibrated on, or None)."""
+    return {"stage": "quantize", "scheme": scheme.name, "config_group": scheme.to_config_group(),
+            "ignore": list(scheme.ignore), "kv_cache": scheme.kv_cache is not None,
+            "observer": cfg.observer or scheme.observer,
+            "calibration": None if calib is None else
+            (calib.record() if isinstance(calib, DataSplit) else {"chunks": len(calib), "seq_len": calib.shape[1]}),
+            "config": asdict(cfg), "seconds": round(seconds, 3)}
+
+
+def check_quantizable(model: Transformer, scheme: Scheme, cfg: CalibrationConfig, calib) -> dict:
+    """The scheme's targets in `model`, after the checks every quantization makes first (one line each)."""
+    if quant_layers(model):
+        raise TesseraError("the model is already quantized; quantize the unquantized parent")
+    targets = resolve_targets(model, scheme)  # refuse bad targets before any work
+    if (scheme.needs_calibration or cfg.gptq) and calib is None:
+        raise TesseraError(f"scheme {scheme.name} needs calibration text (static activation / KV scales or GPTQ); "
+                           "pass calibration data")
+    return targets
+
+
 def apply_stats(model: Transformer, scheme: Scheme, stats: dict[str, LayerStats], observer: str) -> None:
     """Static scales from calibration statistics onto the model's QuantLinears."""
-    a = scheme.input_activations
     dtype = model.model.embed_tokens.weight.dtype
     for name, q in quant_layers(model).items():
-        st = stats.get(name)
-        if a is not None and a.dynamic is not True:
-            if st is None:
-                raise TesseraError(f"{name}: no calibration statistics; calibrate before quantizing")
-            amax = st.inputs.tensor_amax(a, observer, dtype)
-            if a.fp4:
-                q.input_global_scale = nx.nvfp4_global_scale(amax)
-            else:
-                q.input_scale = nx.fp8_scale(amax, dtype).to(q.weight.device)
-        if scheme.kv_cache is not None and st is not None and st.output_amax is not None:
-            q.output_scale = nx.fp8_scale(st.output_amax, dtype).to(q.weight.device)
+        apply_layer_stats(q, name, scheme, stats.get(name), observer, dtype)
 
 
-__all__ = ["CalibrationConfig", "LayerStats", "QuantLinear", "apply_stats", "calibrate", "calibration_data",
-           "quantize_model"]
+def apply_layer_stats(q: QuantLinear, name: str, scheme: Scheme, st: LayerStats | None, observer: str,
+                      dtype: torch.dtype) -> None:
+    """Static scales of one QuantLinear (`name`: its full module name) from its statistics; `dtype` the model's."""
+    a = scheme.input_activations
+    if a is not None and a.dynamic is not True:
+        if st is None:
+            raise TesseraError(f"{name}: no calibration statistics; calibrate before quantizing")
+        amax = st.inputs.tensor_amax(a, observer, dtype)
+        if a.fp4:
+            q.input_global_scale = nx.nvfp4_global_scale(amax)
+        else:
+            q.input_scale = nx.fp8_scale(amax, dtype).to(q.weight.device)
+    if scheme.kv_cache is not None and st is not None and st.output_amax is not None:
+        q.output_scale = nx.fp8_scale(st.output_amax, dtype).to(q.weight.device)
+
+
+__all__ = ["CalibrationConfig", "LayerStats", "QuantLinear", "apply_layer_stats", "apply_stats", "calibrate",
+           "calibration_data", "check_quantizable", "quantize_model", "quantize_record"]

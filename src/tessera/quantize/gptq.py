@@ -92,23 +92,32 @@ def gptq_quantize_weights(model: nn.Module, scheme: Scheme | str, stats: dict, *
     """Like `quantize_weights`, with each target's weight GPTQ-quantized from its calibration Hessian."""
     scheme = get_scheme(scheme)
     out = {}
-    with torch.no_grad():
-        for name, lin in resolve_targets(model, scheme).items():
-            st = stats.get(name)
-            if st is None or st.hessian is None:
-                raise TesseraError(f"{name}: no calibration Hessian for GPTQ; calibrate with gptq=True first")
-            w = lin.weight.detach()
-            nx.check_finite(w, f"{name}.weight")
-            q = QuantLinear(lin.in_features, lin.out_features, scheme.weights, scheme.input_activations,
-                            bias=lin.bias is not None, device=w.device, dtype=w.dtype)
-            if lin.bias is not None:
-                q.bias.data.copy_(lin.bias.detach())
-            res = gptq_weight(w, st.hessian, scheme.weights, observer=observer, dampening=dampening,
-                              scale_dtype=w.dtype, act_order=act_order)
-            if scheme.weights.fp4:
-                q.set_nvfp4(nx.pack_fp4(res[0]), res[1], res[2])
-            else:
-                q.set_fp8(*res)
-            set_module(model, name, q)
-            out[name] = q
+    for name, lin in resolve_targets(model, scheme).items():
+        st = stats.get(name)
+        q = gptq_linear(lin, scheme, None if st is None else st.hessian, observer=observer, dampening=dampening,
+                        act_order=act_order, name=name)
+        set_module(model, name, q)
+        out[name] = q
     return out
+
+
+@torch.no_grad()
+def gptq_linear(lin: nn.Linear, scheme: Scheme, hessian: torch.Tensor | None, *, observer: str = "minmax",
+                dampening: float = 0.01, act_order: bool = True, name: str = "Linear") -> QuantLinear:
+    """A new QuantLinear holding `lin`'s weight GPTQ-quantized with the input Hessian `hessian` (`lin` unchanged):
+    one layer's step of `gptq_quantize_weights`, also what a streamed quantization runs layer by layer."""
+    if hessian is None:
+        raise TesseraError(f"{name}: no calibration Hessian for GPTQ; calibrate with gptq=True first")
+    w = lin.weight.detach()
+    nx.check_finite(w, f"{name}.weight")
+    q = QuantLinear(lin.in_features, lin.out_features, scheme.weights, scheme.input_activations,
+                    bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    if lin.bias is not None:
+        q.bias.data.copy_(lin.bias.detach())
+    res = gptq_weight(w, hessian, scheme.weights, observer=observer, dampening=dampening, scale_dtype=w.dtype,
+                      act_order=act_order)
+    if scheme.weights.fp4:
+        q.set_nvfp4(nx.pack_fp4(res[0]), res[1], res[2])
+    else:
+        q.set_fp8(*res)
+    return q

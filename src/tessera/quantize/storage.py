@@ -61,27 +61,42 @@ def encode(model: nn.Module, fmt: str = "compressed-tensors") -> tuple[dict[str,
     if not qs:
         raise TesseraError("the model has no quantized layers; quantize it first (tessera quantize)")
     groups = _groups(qs)
-    if fmt == "modelopt" and (len(groups) != 1 or not next(iter(groups))[0].fp4):
-        raise TesseraError("the modelopt layout is written for NVFP4 (nvfp4 / nvfp4-weight-only) only; export FP8 "
-                           "schemes as compressed-tensors")
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     arch = getattr(model, "arch", None)
     if arch is not None and arch.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     dtype = model.model.embed_tokens.weight.dtype if hasattr(model, "model") else next(model.parameters()).dtype
-    kv = False
     for name, q in qs.items():
         state.pop(f"{name}.weight")
-        state.update({f"{name}.{k}": v for k, v in _layer_tensors(q, fmt, dtype).items()})
-        if q.output_scale is not None:
-            kv = True
-            parent, _, leaf = name.rpartition(".")
-            kind = "k" if leaf == "k_proj" else "v"
-            if fmt == "modelopt":
-                state[f"{name}.{kind}_scale"] = q.output_scale.float().reshape(())
-            else:
-                state[f"{parent}.{kind}_scale"] = q.output_scale.to(dtype).reshape(1)
+        state.update(stored_tensors(name, q, fmt, dtype))
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in qs)
+    kv = any(q.output_scale is not None for q in qs.values())
+    return (state, *quantization_config(groups, ignore, kv, fmt))
+
+
+def stored_tensors(name: str, q: QuantLinear, fmt: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of the quantized Linear `name` (full module name): its stored weight and scales, and
+    its FP8 KV-cache scale when it has one. `dtype` is the model's (FP8 scales are stored in it)."""
+    out = {f"{name}.{k}": v for k, v in _layer_tensors(q, fmt, dtype).items()}
+    if q.output_scale is not None:
+        parent, _, leaf = name.rpartition(".")
+        kind = "k" if leaf == "k_proj" else "v"
+        if fmt == "modelopt":
+            out[f"{name}.{kind}_scale"] = q.output_scale.float().reshape(())
+        else:
+            out[f"{parent}.{kind}_scale"] = q.output_scale.to(dtype).reshape(1)
+    return out
+
+
+def quantization_config(groups: dict[tuple[QuantArgs, QuantArgs | None], list[str]], ignore: list[str], kv: bool,
+                        fmt: str) -> tuple[dict, dict]:
+    """(`quantization_config` for config.json, extra files) of a checkpoint whose quantized layers fall in
+    `groups` ((weights, input activations) -> layer names), leaving the Linears `ignore` unquantized, with FP8
+    KV-cache scales when `kv`."""
+    _check_format(fmt)
+    if fmt == "modelopt" and (len(groups) != 1 or not next(iter(groups))[0].fp4):
+        raise TesseraError("the modelopt layout is written for NVFP4 (nvfp4 / nvfp4-weight-only) only; export FP8 "
+                           "schemes as compressed-tensors")
     if fmt == "compressed-tensors":
         fmt_name = "nvfp4-pack-quantized" if next(iter(groups))[0].fp4 else "float-quantized"
         cfg = {"quant_method": "compressed-tensors", "format": fmt_name, "quantization_status": "compressed",
@@ -93,11 +108,11 @@ def encode(model: nn.Module, fmt: str = "compressed-tensors") -> tuple[dict[str,
                 "targets": ["Linear"] if len(groups) == 1 else sorted(names), "weights": w.to_dict(),
                 "input_activations": None if a is None else a.to_dict(), "output_activations": None,
                 "format": "nvfp4-pack-quantized" if w.fp4 else "float-quantized"}
-        return state, cfg, {}
+        return cfg, {}
     quant = {"quant_algo": "NVFP4", "kv_cache_quant_algo": "FP8" if kv else None, "group_size": 16,
              "exclude_modules": ignore}
     hf_quant = {"producer": {"name": "modelopt", "version": MODELOPT_VERSION}, "quantization": quant}
-    return state, {"quant_method": "modelopt", **quant}, {HF_QUANT_CONFIG: json.dumps(hf_quant, indent=2) + "\n"}
+    return {"quant_method": "modelopt", **quant}, {HF_QUANT_CONFIG: json.dumps(hf_quant, indent=2) + "\n"}
 
 
 def _groups(qs: dict[str, QuantLinear]) -> dict[tuple[QuantArgs, QuantArgs | None], list[str]]:
