@@ -168,23 +168,31 @@ class ArchSpec:
         return self.with_blocks(blocks)
 
     # parameter accounting (exact: matches the weights the model allocates)
-    def attention_params(self, i: int) -> int:
-        att, h, d = self.blocks[i].attention, self.hidden_size, self.head_dim
+    def attention_matmul_params(self, att: AttentionSpec) -> int:
+        """Weights of the matrices of an attention sub-block of this shape (q, k, v, o; or the linear map), no norm."""
+        h, d = self.hidden_size, self.head_dim
         if att.kind == "no_op":
             return 0
-        norm = h
         if att.kind == "linear":
-            return h * h + norm
-        q_and_o = 2 * h * self.num_attention_heads * d
-        return q_and_o + 2 * h * att.num_kv_heads * d + norm
+            return h * h
+        return 2 * h * self.num_attention_heads * d + 2 * h * att.num_kv_heads * d
 
-    def ffn_params(self, i: int) -> int:
-        ffn, h = self.blocks[i].ffn, self.hidden_size
+    def ffn_matmul_params(self, ffn: FFNSpec) -> int:
+        """Weights of the matrices of an FFN sub-block of this shape (gate, up, down; or the linear map), no norm."""
+        h = self.hidden_size
         if ffn.kind == "no_op":
             return 0
         if ffn.kind == "linear":
-            return h * h + h
-        return 3 * h * ffn.intermediate_size + h
+            return h * h
+        return 3 * h * ffn.intermediate_size
+
+    def attention_params(self, i: int) -> int:
+        att = self.blocks[i].attention
+        return 0 if att.kind == "no_op" else self.attention_matmul_params(att) + self.hidden_size  # + its norm
+
+    def ffn_params(self, i: int) -> int:
+        ffn = self.blocks[i].ffn
+        return 0 if ffn.kind == "no_op" else self.ffn_matmul_params(ffn) + self.hidden_size  # + its norm
 
     def block_params(self, i: int) -> int:
         return self.attention_params(i) + self.ffn_params(i)

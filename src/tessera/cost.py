@@ -63,17 +63,15 @@ class BlockCost:
 
 def _sub_blocks(arch: ArchSpec, block: BlockSpec):
     """(matmul params, matrices, attention heads*head_dim if GQA else 0, kv heads, ops key) per sub-block."""
-    h = arch.hidden_size
     att, ffn = block.attention, block.ffn
-    if att.kind == "gqa":
-        a_params = 2 * h * arch.num_attention_heads * arch.head_dim + 2 * h * att.num_kv_heads * arch.head_dim
-        yield a_params, 2, arch.num_attention_heads * arch.head_dim, att.num_kv_heads, "gqa"  # fused QKV, O
+    if att.kind == "gqa":  # fused QKV, O
+        yield arch.attention_matmul_params(att), 2, arch.num_attention_heads * arch.head_dim, att.num_kv_heads, "gqa"
     elif att.kind == "linear":
-        yield h * h, 1, 0, 0, "linear"
-    if ffn.kind == "swiglu":
-        yield 3 * h * ffn.intermediate_size, 2, 0, 0, "swiglu"  # fused gate+up, down
+        yield arch.attention_matmul_params(att), 1, 0, 0, "linear"
+    if ffn.kind == "swiglu":  # fused gate+up, down
+        yield arch.ffn_matmul_params(ffn), 2, 0, 0, "swiglu"
     elif ffn.kind == "linear":
-        yield h * h, 1, 0, 0, "ffn_linear"
+        yield arch.ffn_matmul_params(ffn), 1, 0, 0, "ffn_linear"
 
 
 def all_reduce_s(hw: Hardware, tp: int, nbytes: float | np.ndarray) -> float | np.ndarray:
