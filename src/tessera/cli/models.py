@@ -148,7 +148,7 @@ def demo(model: str = typer.Argument("default"),
          gpu: str = typer.Option("h100", "--gpu", help="hardware for the throughput prediction"),
          device: str = typer.Option("auto", help=DEVICE_HELP), dtype: str = typer.Option(None, help=DTYPE_HELP),
          as_json: bool = typer.Option(False, "--json")):
-    """The main job until the pipeline lands: architecture, a completion, a quick evaluation, predicted speed."""
+    """A quick look at a model: architecture, a completion, a quick evaluation, predicted speed."""
     from tessera.cost import Scenario, predict
     from tessera.generate import generate_text
     from tessera.hardware import get_hardware
