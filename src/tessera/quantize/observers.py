@@ -1,9 +1,12 @@
 """Scale search: which amax a static scale is computed from.
 
 * `minmax`: the largest magnitude seen (no clipping).
-* `mse`: the clipped amax (a fraction of the largest magnitude, searched on a grid) that minimises the squared
+* `mse`: the amax (a multiple of the largest magnitude, searched on a grid) that minimises the squared
   quantization error of the tensor itself, separately for each row or group — the scale search that, together
-  with E4M3-rounded group scales, beats round-to-nearest from min-max.
+  with E4M3-rounded group scales, beats round-to-nearest from min-max. Below 1 the grid clips outliers; a little
+  above 1 it moves a row's values relative to the E4M3/E2M1 grid (and an NVFP4 group scale that E4M3 rounding
+  would pull down, clipping the group's largest value, up a step): on the default parent's layers, the grid up
+  to 1.12 lowers the output error of MSE-searched weights by ~2 % (NVFP4) and ~4 % (FP8) over a grid ending at 1.
 
 Weights are searched on themselves; activations on the calibration activations (`ActivationStats` keeps a
 bounded sample of rows for that, so calibration memory stays one layer's worth).
@@ -17,7 +20,7 @@ from tessera.quantize import numerics as nx
 from tessera.quantize.schemes import QuantArgs
 
 OBSERVER_ROWS = 4096  # input rows a layer keeps for the MSE search of an activation scale
-MSE_GRID = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00, 0.98, ..., 0.50 of the largest magnitude
+MSE_GRID = tuple(round(1.12 - 0.02 * i, 2) for i in range(32))  # 1.12, 1.10, ..., 0.50 of the largest magnitude
 
 
 def _qdq_with_amax(x: torch.Tensor, a: torch.Tensor, args: QuantArgs, global_scale: torch.Tensor | None,
@@ -37,7 +40,7 @@ def search_amax(x: torch.Tensor, args: QuantArgs, observer: str, *, global_scale
         return a
     x = x.float()
     best, best_err = a, None
-    for p in MSE_GRID:
+    for p in (1.0, *MSE_GRID):  # min-max first: a candidate must beat it strictly
         cand = a * p
         err = (_qdq_with_amax(x, cand, args, global_scale, scale_dtype) - x).pow(2)
         if args.strategy in ("group", "tensor_group"):
@@ -82,7 +85,7 @@ class ActivationStats:
             return self.amax.clone()
         x = torch.cat(self.rows)
         best, best_err = self.amax.clone(), None
-        for p in MSE_GRID:
+        for p in (1.0, *MSE_GRID):
             cand = self.amax * p
             if args.fp4:
                 g = nx.nvfp4_global_scale(cand)
