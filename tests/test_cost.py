@@ -3,6 +3,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from helpers import mixed_arch, tiny_arch
@@ -126,6 +127,20 @@ def test_cost_cli_on_config_only_directory(tmp_path):
     out = CliRunner().invoke(app, ["cost", str(tmp_path), "--gpu", "l40s"])
     assert out.exit_code == 2 and out.output.startswith("error:") and "does not fit" in out.output
 
+
+
+def test_cost_counts_the_weights_the_model_allocates():
+    """One parameter formula (ArchSpec's): the cost model's and the architecture's per-block params are the
+    weights the model allocates, for every sub-block kind (GQA with any KV heads, linear, no-op, SwiGLU)."""
+    from helpers import random_model
+
+    arch = mixed_arch()
+    model = random_model(arch)
+    for i, block in enumerate(arch.blocks):
+        linears = sum(m.weight.numel() for m in model.model.layers[i].modules() if isinstance(m, torch.nn.Linear))
+        norms = sum(p.numel() for n, p in model.model.layers[i].named_parameters() if "norm" in n)
+        assert arch.block_params(i) == linears + norms
+        assert block_cost(arch, block, H100, SC).params == linears + norms
 
 
 def test_cost_takes_the_dtype_aliases_every_other_command_takes(tmp_path):
