@@ -32,13 +32,14 @@ from tessera.quantize import get_scheme
 from tessera.quantize.calibrate import CalibrationConfig, calibration_data, quantize_model
 
 TASKS = ["arc_easy", "winogrande", "lambada"]
-# (label, scheme, observer, gptq); the llm-compressor preset each is compared with
+# (label, scheme, observer, gptq: False | True | "sequential"); the llm-compressor preset each is compared with
 VARIANTS = [
     ("fp8 (static, per-tensor)", "fp8", "minmax", False, None),
     ("fp8-dynamic minmax", "fp8-dynamic", "minmax", False, "FP8_DYNAMIC"),
     ("fp8-dynamic mse+gptq", "fp8-dynamic", "mse", True, "FP8_DYNAMIC"),
     ("nvfp4 minmax", "nvfp4", "minmax", False, "NVFP4"),
     ("nvfp4 mse+gptq", "nvfp4", "mse", True, "NVFP4"),
+    ("nvfp4 mse+gptq sequential", "nvfp4", "mse", "sequential", "NVFP4"),
     ("nvfp4-weight-only mse+gptq", "nvfp4-weight-only", "mse", True, None),
 ]
 
@@ -132,7 +133,8 @@ def main() -> None:
     for label, scheme, observer, gptq, _ in VARIANTS:
         if only and label not in only:
             continue
-        c = CalibrationConfig(samples=args.calib_samples, seq_len=args.calib_seq_len, observer=observer, gptq=gptq)
+        c = CalibrationConfig(samples=args.calib_samples, seq_len=args.calib_seq_len, observer=observer,
+                              gptq=bool(gptq), gptq_sequential=gptq == "sequential")
         t0 = time.perf_counter()
         child = quantize_model(parent, get_scheme(scheme), calib, config=c)
         secs = time.perf_counter() - t0

@@ -234,3 +234,36 @@ def test_gptq_act_order_keeps_the_layout_and_lowers_output_error(scheme):
         assert torch.equal(a.float(), b.float())
     err = {k: (xh @ (dq(r) - w).T).pow(2).sum().item() for k, r in (("plain", plain), ("ordered", ordered))}
     assert err["ordered"] < err["plain"], err
+
+
+@pytest.mark.parametrize("scheme", ["fp8-dynamic", "nvfp4"])
+def test_sequential_gptq_calibrates_each_layer_on_the_quantized_layers_before_it(model, scheme):
+    """`gptq_sequential`: layer 0 sees the same inputs either way, so it is quantized identically; layer 1's
+    Hessian comes from the outputs of the *quantized* layer 0, so its weights are the GPTQ of the original weights
+    under that Hessian (checked on q_proj, whose input is the block's input) and differ from the one-pass result."""
+    from tessera.quantize.gptq import gptq_weight
+
+    ids = _ids(8, 16)
+    one = quantize_model(model, scheme, ids, config=CalibrationConfig(gptq=True, batch_size=3))
+    seq = quantize_model(model, scheme, ids, config=CalibrationConfig(gptq=True, gptq_sequential=True, batch_size=3))
+    q1, qs = quant_layers(one), quant_layers(seq)
+    assert q1.keys() == qs.keys() and seq.quantization["config"]["gptq_sequential"] is True
+    for name in q1:
+        if name.startswith("model.layers.0."):
+            assert torch.equal(q1[name].weight, qs[name].weight), name
+    layer1 = [n for n in q1 if n.startswith("model.layers.1.")]
+    assert any(not torch.equal(q1[n].weight, qs[n].weight) for n in layer1)
+    name = "model.layers.1.self_attn.q_proj"
+    rows = []
+    hook = qs[name].register_forward_pre_hook(lambda _m, a: rows.append(a[0].reshape(-1, a[0].shape[-1]).float()))
+    with torch.no_grad():
+        for b in range(0, 8, 3):
+            seq(ids[b:b + 3])
+    hook.remove()
+    x = torch.cat(rows)
+    args = get_scheme(scheme).weights
+    res = gptq_weight(dict(model.named_modules())[name].weight, x.T @ x, args, act_order=True)
+    expect = nx.nvfp4_dequantize(*res) if args.fp4 else nx.fp8_dequantize(*res)
+    assert torch.allclose(qs[name].weight.float(), expect, rtol=0, atol=1e-6)
+    out = seq(ids[:2])
+    assert torch.isfinite(out).all() and not torch.equal(out, one(ids[:2]))

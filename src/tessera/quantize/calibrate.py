@@ -46,6 +46,7 @@ class CalibrationConfig:
     gptq: bool = False  # GPTQ-style error compensation of the weights (needs calibration text)
     gptq_dampening: float = 0.01
     gptq_act_order: bool = True  # GPTQ visits columns by decreasing Hessian diagonal (group scales unchanged)
+    gptq_sequential: bool = False  # layer i's Hessians from the outputs of the already-quantized layers 0..i-1
     corpus: str | None = None  # None: the shared corpus
 
     def __post_init__(self):
@@ -135,7 +136,14 @@ def calibrate(model: Transformer, scheme: Scheme | str, data: DataSplit | torch.
     while it is still materialised, and its statistics are handed over rather than kept (a streamed quantization
     quantizes and writes the layer there, so at most one layer's statistics, GPTQ Hessians included, exist)."""
     scheme = get_scheme(scheme)
-    obs = observer or scheme.observer
+    ob, chunks = _observer_for(model, scheme, observer or scheme.observer, gptq, data, batch_size, on_layer)
+    run_layers(model, chunks, batch_size=batch_size, observer=ob, progress=progress).close()
+    return ob.stats
+
+
+def _observer_for(model: Transformer, scheme: Scheme, obs: str, gptq: bool, data: DataSplit | torch.Tensor,
+                  batch_size: int, on_layer: Callable | None = None) -> tuple[_CalibrationObserver, torch.Tensor]:
+    """The observer of `scheme`'s targets (what each one needs) and the calibration chunks, or one clear error."""
     targets = resolve_targets(model, scheme)
     a = scheme.input_activations
     static = a is not None and a.dynamic is not True
@@ -151,9 +159,51 @@ def calibrate(model: Transformer, scheme: Scheme | str, data: DataSplit | torch.
         raise TesseraError("calibration text gave no tokens; pass a longer corpus or fewer --calib-seq-len")
     from tessera.stream.executor import batch_slices
 
-    ob = _CalibrationObserver(needs, kv, model.arch.head_dim, want_gptq, on_layer,
-                              len(batch_slices(len(chunks), batch_size)))
-    run_layers(model, chunks, batch_size=batch_size, observer=ob, progress=progress).close()
+    return _CalibrationObserver(needs, kv, model.arch.head_dim, want_gptq, on_layer,
+                                len(batch_slices(len(chunks), batch_size))), chunks
+
+
+def quantize_sequentially(model: Transformer, scheme: Scheme | str, data: DataSplit | torch.Tensor, *,
+                          cfg: CalibrationConfig, observer: str,
+                          progress: Callable[[int, int], None] | None = None) -> dict[str, LayerStats]:
+    """GPTQ as its authors run it, in place on `model`: layer by layer, layer i is calibrated on the outputs of
+    the already-quantized layers 0..i-1 (so its Hessians, activation scales and the error it compensates are
+    those of the quantized model it will sit in), then quantized, then run again to feed layer i + 1. Holds one
+    layer's activations and one layer's Hessians, like `calibrate`. Returns the statistics it used (Hessians
+    dropped)."""
+    from tessera.quantize.gptq import gptq_linear
+    from tessera.quantize.modules import set_module
+    from tessera.stream.executor import batch_slices, rope_for
+
+    scheme = get_scheme(scheme)
+    ob, chunks = _observer_for(model, scheme, observer, True, data, cfg.batch_size)
+    targets = resolve_targets(model, scheme)
+    n, seq_len = chunks.shape
+    dtype = model.model.embed_tokens.weight.dtype
+    slices = batch_slices(n, cfg.batch_size)
+    with torch.no_grad():
+        xs = [model.model.embed_tokens(chunks[s].to(model.device)) for s in slices]
+        ropes = {r: rope_for(model, r, seq_len, dtype) for r in {s.stop - s.start for s in slices}}
+        layers = model.model.layers
+        for i, block in enumerate(layers):
+            handles = ob.attach(i, block)
+            try:
+                for x in xs:
+                    block(x, *ropes[x.shape[0]], None, None, 0)
+            finally:
+                for h in handles:
+                    h.remove()
+            for name in [t for t in targets if t.startswith(f"model.layers.{i}.")]:
+                st = ob.stats.get(name)
+                q = gptq_linear(targets[name], scheme, None if st is None else st.hessian, observer=observer,
+                                dampening=cfg.gptq_dampening, act_order=cfg.gptq_act_order, name=name)
+                apply_layer_stats(q, name, scheme, st, observer, dtype)
+                set_module(model, name, q)
+                if st is not None:
+                    st.hessian = None  # one layer's Hessians at a time
+            xs = [block(x, *ropes[x.shape[0]], None, None, 0) for x in xs]
+            if progress is not None:
+                progress(i + 1, len(layers))
     return ob.stats
 
 
@@ -176,18 +226,22 @@ def quantize_model(model: Transformer, scheme: Scheme | str, calib: DataSplit | 
     check_quantizable(model, scheme, cfg, calib)
     t0 = time.perf_counter()
     stats = {}
-    if calib is not None and (scheme.needs_calibration or cfg.gptq):
-        stats = calibrate(model, scheme, calib, batch_size=cfg.batch_size, observer=observer, gptq=cfg.gptq,
-                          progress=progress)
-    out = model if inplace else clone(model)
-    if cfg.gptq:
-        from tessera.quantize.gptq import gptq_quantize_weights
-
-        gptq_quantize_weights(out, scheme, stats, observer=observer, dampening=cfg.gptq_dampening,
-                              act_order=cfg.gptq_act_order)
+    if cfg.gptq and cfg.gptq_sequential:
+        out = model if inplace else clone(model)
+        stats = quantize_sequentially(out, scheme, calib, cfg=cfg, observer=observer, progress=progress)
     else:
-        quantize_weights(out, scheme, observer=observer)
-    apply_stats(out, scheme, stats, observer)
+        if calib is not None and (scheme.needs_calibration or cfg.gptq):
+            stats = calibrate(model, scheme, calib, batch_size=cfg.batch_size, observer=observer, gptq=cfg.gptq,
+                              progress=progress)
+        out = model if inplace else clone(model)
+        if cfg.gptq:
+            from tessera.quantize.gptq import gptq_quantize_weights
+
+            gptq_quantize_weights(out, scheme, stats, observer=observer, dampening=cfg.gptq_dampening,
+                                  act_order=cfg.gptq_act_order)
+        else:
+            quantize_weights(out, scheme, observer=observer)
+        apply_stats(out, scheme, stats, observer)
     record = quantize_record(scheme, cfg, calib if stats else None, time.perf_counter() - t0)
     out.quantization = record
     out.provenance = [*getattr(model, "provenance", []), record]
@@ -240,4 +294,4 @@ def apply_layer_stats(q: QuantLinear, name: str, scheme: Scheme, st: LayerStats 
 
 
 __all__ = ["CalibrationConfig", "LayerStats", "QuantLinear", "apply_layer_stats", "apply_stats", "calibrate",
-           "calibration_data", "check_quantizable", "quantize_model", "quantize_record"]
+           "calibration_data", "check_quantizable", "quantize_model", "quantize_record", "quantize_sequentially"]

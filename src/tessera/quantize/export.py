@@ -73,6 +73,9 @@ def quantize_to_dir(model: Transformer, scheme, calib=None, out: str | os.PathLi
     refuse_overwrite(Path(out), force, "output directory")
     observer = cfg.observer or scheme.observer
     targets = check_quantizable(model, scheme, cfg, calib)
+    if cfg.gptq and cfg.gptq_sequential:
+        raise TesseraError("sequential GPTQ runs on a model loaded whole; quantize this parent with --stream off "
+                           "or without gptq_sequential")
     outside = [n for n in targets if not n.startswith("model.layers.")]
     if outside:
         raise TesseraError(f"{outside[0]} is outside the decoder layers; --ignore it (a streamed quantization "
