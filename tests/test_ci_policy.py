@@ -19,6 +19,7 @@ def test_skip_or_fail(monkeypatch):
         skip_or_fail("no data")
 
 
+@pytest.mark.slow  # a pytest in a subprocess: ~60 s on the shared machine under load
 def test_missing_shared_data_fails_in_ci(tmp_path):
     """The conftest fixture goes through skip_or_fail: under CI=true a test needing absent data errors."""
     tests = Path(__file__).parent
