@@ -7,7 +7,10 @@ FP8_DYNAMIC and NVFP4) runs in its own environment (--llmc-python) on the same c
 compressed-tensors output is loaded with `tessera.load` and evaluated by the same code.
 
     flock /work/bench.lock .venv/bin/python benchmarks/quantization.py [--calib-samples 32] [--calib-seq-len 512]
-        [--report 8] [--limit 20] [--llmc-python .venv-llmc/bin/python] [--threads 2] [--only LABELS] [--out DIR]
+        [--report 8] [--limit 20] [--llmc-python .venv-llmc/bin/python] [--threads 2] [--only LABEL ...] [--out DIR]
+
+--only takes one row label per flag and may be repeated (labels hold commas: "fp8 (static, per-tensor)"); an
+unknown label is refused with the list of known ones.
 """
 
 from __future__ import annotations
@@ -44,6 +47,18 @@ VARIANTS = [  # the rows the KLD goals are judged on first, so a run stopped ear
 ]
 
 
+def select_rows(only: list[str] | None) -> set[str] | None:
+    """The row labels `--only` asked for (None: every row); an unknown label exits with one line."""
+    if not only:
+        return None
+    known = [label for label, *_ in VARIANTS] + [f"{preset} oneshot" for preset in ("FP8_DYNAMIC", "NVFP4")]
+    unknown = [x for x in only if x not in known]
+    if unknown:
+        sys.exit(f"error: unknown --only row {', '.join(map(repr, unknown))}; known rows: "
+                 f"{', '.join(map(repr, known))} (one label per --only)")
+    return set(only)
+
+
 def evaluate(parent, child, held, parent_ref, parent_acc, limit):
     k = mean_kld(parent, child, held.chunks, parent_logits=parent_ref)
     ppl = perplexity_of_ids(child, held.chunks.flatten().tolist(), held.seq_len)
@@ -76,10 +91,12 @@ def main() -> None:
     ap.add_argument("--report", type=int, default=8, help="512-token windows of the reporting split")
     ap.add_argument("--limit", type=int, default=20, help="items per accuracy task")
     ap.add_argument("--llmc-python", default=".venv-llmc/bin/python", help="llm-compressor's environment ('' skips)")
-    ap.add_argument("--only", default=None, help="comma-separated variant labels (default: all)")
+    ap.add_argument("--only", action="append", default=None, metavar="LABEL",
+                    help="one row label (repeat the flag for more; default: every row)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    only = select_rows(args.only)
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -99,7 +116,6 @@ def main() -> None:
           + ", ".join(f"{t} {100 * parent_acc[t].get('acc_norm', parent_acc[t].get('acc')):.1f}" for t in TASKS),
           flush=True)
     rows = []
-    only = set(args.only.split(",")) if args.only else None
 
     def save(row: dict) -> None:
         """Append each finished row to rows.jsonl at once, so a stopped run keeps what it measured."""

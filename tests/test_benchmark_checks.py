@@ -27,3 +27,16 @@ def test_without_cuda_the_checks_refuse_to_run(monkeypatch):
     with pytest.raises(SystemExit) as info:
         require_cuda()
     assert info.value.code == 2
+
+
+def test_quantization_only_takes_labels_that_hold_commas(capsys):
+    """`benchmarks/quantization.py --only` selects whole row labels, commas and all; an unknown one is refused."""
+    from quantization import select_rows
+
+    assert select_rows(None) is None
+    assert select_rows(["fp8 (static, per-tensor)"]) == {"fp8 (static, per-tensor)"}
+    assert select_rows(["nvfp4 mse+gptq", "NVFP4 oneshot"]) == {"nvfp4 mse+gptq", "NVFP4 oneshot"}
+    with pytest.raises(SystemExit) as info:
+        select_rows(["fp8 (static"])  # what splitting the label on its comma used to ask for
+    assert "unknown --only row 'fp8 (static'" in str(info.value.code)
+    assert "'fp8 (static, per-tensor)'" in str(info.value.code)
