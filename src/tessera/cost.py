@@ -104,8 +104,7 @@ def block_cost(arch: ArchSpec, block: BlockSpec, hw: Hardware, scenario: Scenari
     """Cost of one block variant in the context of `arch` (hidden size, heads) for a whole scenario, on each of
     `tp` GPUs (times are the tensor-parallel group's wall time; bytes and KV bytes/token are the whole block's)."""
     eng = engine or engine_profile(hw)
-    dtype = check_dtype(dtype)
-    kv_dtype = check_dtype(kv_dtype or default_kv_dtype(dtype), "KV-cache dtype", KV_DTYPES)
+    dtype, kv_dtype = _dtypes(dtype, kv_dtype)
     wb, kvb = DTYPE_BYTES[dtype], DTYPE_BYTES[kv_dtype]
     peak, bw = hw.peak(dtype), hw.mem_bw
     S, n_out = scenario.input_len, scenario.output_len
@@ -278,9 +277,13 @@ def _tp_problems(arch: ArchSpec, tp: int) -> list[str]:
     return problems
 
 
-def _check(arch: ArchSpec, hw: Hardware, dtype: str, kv_dtype: str, tp: int) -> None:
-    check_dtype(dtype)
-    check_dtype(kv_dtype, "KV-cache dtype", KV_DTYPES)
+def _dtypes(dtype: str, kv_dtype: str | None) -> tuple[str, str]:
+    """The canonical weight and KV-cache dtype names (`float16` -> `fp16`; no KV dtype: the weights' default)."""
+    dtype = check_dtype(dtype)
+    return dtype, check_dtype(kv_dtype or default_kv_dtype(dtype), "KV-cache dtype", KV_DTYPES)
+
+
+def _check(arch: ArchSpec, hw: Hardware, tp: int) -> None:
     check_tp(arch, tp)
     if tp > 1 and hw.link_bw <= 0:
         raise TesseraError(f"{hw.name} has no interconnect figure; tensor parallelism (--tp {tp}) needs a GPU profile")
@@ -292,8 +295,7 @@ def batch_limits(arch: ArchSpec, hw: Hardware, scenario: Scenario, dtype: str = 
     """The largest batch each limit allows: `memory` (weights + KV cache in the engine's share of one GPU),
     `engine` (its batch limit) and `cap` (the search cap). Raises when the weights alone do not fit."""
     eng = engine or engine_profile(hw)
-    dtype = check_dtype(dtype)
-    kv_dtype = check_dtype(kv_dtype or default_kv_dtype(dtype), "KV-cache dtype", KV_DTYPES)
+    dtype, kv_dtype = _dtypes(dtype, kv_dtype)
     weights = weight_bytes_per_gpu(arch, dtype, tp)
     budget = eng.memory_budget(hw.mem_bytes, weights)
     per_seq = kv_bytes_per_sequence(arch, scenario, kv_dtype, tp)
@@ -316,9 +318,8 @@ def predict(arch: ArchSpec, hw: Hardware, scenario: Scenario, *, dtype: str = "b
             batch_cap: int = BATCH_CAP) -> Prediction:
     """Whole-model time for a batch of IN/OUT requests on tp GPUs; with batch='auto', the throughput-best batch
     that fits (searched up to `batch_cap`, the engine's batch limit and memory; `Prediction.batch_limits`)."""
-    dtype = check_dtype(dtype)  # canonical names from here on (`float16` -> `fp16`)
-    kv_dtype = check_dtype(kv_dtype or default_kv_dtype(dtype), "KV-cache dtype", KV_DTYPES)
-    _check(arch, hw, dtype, kv_dtype, tp)
+    dtype, kv_dtype = _dtypes(dtype, kv_dtype)
+    _check(arch, hw, tp)
     eng = engine or engine_profile(hw)
     if batch_cap < 1:
         raise TesseraError(f"the batch search cap must be >= 1, got {batch_cap}")
@@ -360,12 +361,13 @@ def _predict(arch: ArchSpec, hw: Hardware, scenario: Scenario, dtype: str, batch
     _add(dec_parts, hd)
     total = prefill + decode
     out_tokens = batch * scenario.output_len
+    w_gpu = weight_bytes_per_gpu(arch, dtype, tp)
     return Prediction(hw.name, str(scenario), dtype, batch, tp, weight_bytes(arch, dtype),
                       batch * kv_bytes_per_sequence(arch, scenario, kv_dtype),
-                      eng.memory_budget(hw.mem_bytes, weight_bytes_per_gpu(arch, dtype, tp)),
+                      eng.memory_budget(hw.mem_bytes, w_gpu),
                       prefill, decode, total, out_tokens / total / tp, out_tokens / decode / tp,
                       batch * scenario.input_len / prefill / tp, kv_dtype, eng.name,
-                      weight_bytes_per_gpu(arch, dtype, tp), batch * kv_bytes_per_sequence(arch, scenario, kv_dtype, tp),
+                      w_gpu, batch * kv_bytes_per_sequence(arch, scenario, kv_dtype, tp),
                       dict(limits), {"prefill": pre_parts, "decode": dec_parts})
 
 

@@ -444,7 +444,7 @@ def _init_from_block(arch: ArchSpec, block: Block, layer: int, variant: Variant,
         merged = merge_kv_heads(*(own[n] for n in names), n_heads=arch.num_attention_heads, head_dim=arch.head_dim,
                                 target=v.spec.num_kv_heads,
                                 group_scores=None if heads is None else heads.view(kv_from, -1).sum(-1))
-        out.update(zip(names, (t.clone() for t in merged)))
+        out.update(zip(names, merged))  # new tensors (index-selected and concatenated), not views of `own`
         return out
     if v == pf:
         return {k: t for k, t in own.items() if k.startswith(("post_attention_layernorm.", "mlp."))}
@@ -461,9 +461,9 @@ def _init_from_block(arch: ArchSpec, block: Block, layer: int, variant: Variant,
     if contribution is None:
         raise TesseraError(f"layer {layer}: the library has no FFN channel contributions; rebuild it")
     keep = torch.topk(contribution, v.spec.intermediate_size).indices.sort().values
-    out["mlp.gate_proj.weight"] = own["mlp.gate_proj.weight"][keep].clone()
-    out["mlp.up_proj.weight"] = own["mlp.up_proj.weight"][keep].clone()
-    out["mlp.down_proj.weight"] = own["mlp.down_proj.weight"][:, keep].clone()
+    out["mlp.gate_proj.weight"] = own["mlp.gate_proj.weight"][keep]  # indexing by a tensor copies
+    out["mlp.up_proj.weight"] = own["mlp.up_proj.weight"][keep]
+    out["mlp.down_proj.weight"] = own["mlp.down_proj.weight"][:, keep]
     return out
 
 
