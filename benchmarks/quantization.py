@@ -35,6 +35,7 @@ from tessera.quantize import get_scheme
 from tessera.quantize.calibrate import CalibrationConfig, calibration_data, quantize_model
 
 TASKS = ["arc_easy", "winogrande", "lambada"]
+LLMC_PRESETS = ("FP8_DYNAMIC", "NVFP4")  # llm-compressor's rows, labelled "<preset> oneshot"
 # (label, scheme, observer, gptq: False | True | "sequential"); the llm-compressor preset each is compared with
 VARIANTS = [  # the rows the KLD goals are judged on first, so a run stopped early still has them
     ("fp8-dynamic mse+gptq", "fp8-dynamic", "mse", True, "FP8_DYNAMIC"),
@@ -51,7 +52,7 @@ def select_rows(only: list[str] | None) -> set[str] | None:
     """The row labels `--only` asked for (None: every row); an unknown label exits with one line."""
     if not only:
         return None
-    known = [label for label, *_ in VARIANTS] + [f"{preset} oneshot" for preset in ("FP8_DYNAMIC", "NVFP4")]
+    known = [label for label, *_ in VARIANTS] + [f"{preset} oneshot" for preset in LLMC_PRESETS]
     unknown = [x for x in only if x not in known]
     if unknown:
         sys.exit(f"error: unknown --only row {', '.join(map(repr, unknown))}; known rows: "
@@ -126,7 +127,7 @@ def main() -> None:
 
     if args.llmc_python:  # the reference first, so that its figures exist even if a later row is stopped
         with tempfile.TemporaryDirectory() as tmp:
-            for preset in ("FP8_DYNAMIC", "NVFP4"):
+            for preset in LLMC_PRESETS:
                 if only and f"{preset} oneshot" not in only:
                     continue
                 try:

@@ -1,4 +1,5 @@
-"""The GPU check scripts fail (exit status 1) on a mismatch instead of only printing it."""
+"""The benchmark scripts' own checks: the GPU check scripts fail (exit status 1) on a mismatch instead of only
+printing it; `quantization.py --only` selects whole row labels."""
 
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ def test_without_cuda_the_checks_refuse_to_run(monkeypatch):
     assert info.value.code == 2
 
 
-def test_quantization_only_takes_labels_that_hold_commas(capsys):
+def test_quantization_only_takes_labels_that_hold_commas():
     """`benchmarks/quantization.py --only` selects whole row labels, commas and all; an unknown one is refused."""
     from quantization import select_rows
 
