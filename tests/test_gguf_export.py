@@ -153,6 +153,29 @@ def test_q8_0_export_dequantises_close(tmp_path):
     _check_tensors(model, reader, atol=0.01)
 
 
+def test_q8_0_export_names_the_matrices_stored_f16(tmp_path):
+    """A q8_0 export reports every matrix that fell back to f16 (rows not a multiple of 32), and the CLI warns."""
+    import gguf
+
+    import tessera
+
+    model = _model(deci_arch())
+    result = export_gguf(model, tmp_path / "q.gguf", "q8_0", pre_tokenizer="gpt-2")
+    reader, _ = _read(tmp_path / "q.gguf")
+    f16 = {t.name for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.F16}
+    assert f16 and set(result.f16_fallbacks) == f16  # layer 1's FFN width 24 is one
+    assert "blk.1.ffn_down.weight" in result.f16_fallbacks and "blk.0.ffn_gate.weight" not in result.f16_fallbacks
+    assert export_gguf(model, tmp_path / "h.gguf", "f16", pre_tokenizer="gpt-2").f16_fallbacks == ()
+    tessera.save(model, tmp_path / "child")
+    out = cli("export", tmp_path / "child", "--out", tmp_path / "c.gguf", "--outtype", "q8_0", "--pre-tokenizer", "gpt-2")
+    assert out.exit_code == 0, out.output
+    assert f"warning: {len(f16)} matrices" in out.output and "multiples of 32" in out.output
+    even = _model(tiny_arch(vocab=VOCAB))  # hidden 32, FFN 64: every matrix q8_0, no warning
+    tessera.save(even, tmp_path / "even")
+    out = cli("export", tmp_path / "even", "--out", tmp_path / "e.gguf", "--outtype", "q8_0", "--pre-tokenizer", "gpt-2")
+    assert out.exit_code == 0 and "warning" not in out.output, out.output
+
+
 def test_export_refuses_what_llamacpp_cannot_serve(tmp_path):
     arch = deci_arch().replace_block(1, BlockSpec(AttentionSpec("gqa", 1), FFNSpec("no_op")))
     with pytest.raises(TesseraError, match="layer 1 block: llama.cpp skips the rest of a layer"):

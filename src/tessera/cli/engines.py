@@ -32,9 +32,13 @@ def export(model: str = typer.Argument(..., help="'default', a model directory o
     result = export_gguf(m, out, outtype, pre_tokenizer=pre_tokenizer)
     summary = {"out": str(result.path), "architecture": result.architecture, "outtype": result.outtype,
                "tensors": result.tensors, "bytes": result.nbytes, "pre_tokenizer": result.pre_tokenizer,
-               "vocab_size": result.vocab_size}
+               "vocab_size": result.vocab_size, "f16_fallbacks": list(result.f16_fallbacks)}
     if as_json:
         echo_json(summary)
         return
     console.print(f"wrote {out}: {result.architecture} architecture, {result.tensors} tensors, {fmt_bytes(result.nbytes)} "
                   f"({outtype}), vocab {result.vocab_size}, pre-tokenizer {result.pre_tokenizer}", highlight=False)
+    if result.f16_fallbacks:
+        console.print(f"warning: {len(result.f16_fallbacks)} matrices (e.g. {result.f16_fallbacks[0]}) are stored f16, "
+                      "not q8_0: their rows are not a multiple of 32, and llama.cpp runs f16 slower than q8_0 on a "
+                      "CPU; prune to hidden / FFN widths that are multiples of 32", highlight=False)

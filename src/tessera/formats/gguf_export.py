@@ -40,6 +40,7 @@ class GGUFExport:
     nbytes: int
     pre_tokenizer: str
     vocab_size: int
+    f16_fallbacks: tuple[str, ...] = ()  # q8_0: matrices stored f16 (rows not a multiple of 32); llama.cpp runs them slower
 
 
 def gguf_architecture(arch: ArchSpec) -> str:
@@ -76,15 +77,17 @@ def export_gguf(model, out: str | Path, outtype: str = "f32", *, pre_tokenizer: 
         _write_hparams(writer, arch, file_type)
         pre = _write_vocab(writer, model.tokenizer, arch, pre_tokenizer)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        count, nbytes = 0, 0
+        count, nbytes, fallbacks = 0, 0, []
         for tname, data, qtype in _tensors(model, outtype):
             writer.add_tensor(tname, data, raw_dtype=qtype)
             count, nbytes = count + 1, nbytes + data.nbytes
+            if outtype == "q8_0" and qtype == gguf.GGMLQuantizationType.F16:
+                fallbacks.append(tname)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return GGUFExport(out, arch_name, outtype, count, nbytes, pre, arch.vocab_size)
+    return GGUFExport(out, arch_name, outtype, count, nbytes, pre, arch.vocab_size, tuple(fallbacks))
 
 
 # ---------------------------------------------------------------------------- hyper-parameters
