@@ -20,7 +20,9 @@ from tessera.quantize import numerics as nx
 from tessera.quantize.schemes import QuantArgs
 
 OBSERVER_ROWS = 4096  # input rows a layer keeps for the MSE search of an activation scale
-MSE_GRID = tuple(round(1.12 - 0.02 * i, 2) for i in range(32))  # 1.12, 1.10, ..., 0.50 of the largest magnitude
+# multiples of the largest magnitude: 1.00 (min-max) first, so a candidate must beat it strictly; then 1.12, 1.10,
+# ..., 0.50 (1.00 not twice)
+MSE_GRID = (1.0, *(p for p in (round(1.12 - 0.02 * i, 2) for i in range(32)) if p != 1.0))
 
 
 def _qdq_with_amax(x: torch.Tensor, a: torch.Tensor, args: QuantArgs, global_scale: torch.Tensor | None,
@@ -40,7 +42,7 @@ def search_amax(x: torch.Tensor, args: QuantArgs, observer: str, *, global_scale
         return a
     x = x.float()
     best, best_err = a, None
-    for p in (1.0, *MSE_GRID):  # min-max first: a candidate must beat it strictly
+    for p in MSE_GRID:
         cand = a * p
         err = (_qdq_with_amax(x, cand, args, global_scale, scale_dtype) - x).pow(2)
         if args.strategy in ("group", "tensor_group"):
@@ -85,7 +87,7 @@ class ActivationStats:
             return self.amax.clone()
         x = torch.cat(self.rows)
         best, best_err = self.amax.clone(), None
-        for p in (1.0, *MSE_GRID):
+        for p in MSE_GRID:
             cand = self.amax * p
             if args.fp4:
                 g = nx.nvfp4_global_scale(cand)
