@@ -128,7 +128,6 @@ def test_cost_cli_on_config_only_directory(tmp_path):
     assert out.exit_code == 2 and out.output.startswith("error:") and "does not fit" in out.output
 
 
-
 def test_cost_counts_the_weights_the_model_allocates():
     """One parameter formula (ArchSpec's): the cost model's and the architecture's per-block params are the
     weights the model allocates, for every sub-block kind (GQA with any KV heads, linear, no-op, SwiGLU)."""

@@ -207,7 +207,6 @@ def test_mse_observer_lowers_weight_error():
     assert err["mse"] < err["minmax"]
 
 
-
 @pytest.mark.parametrize("scheme", ["nvfp4-weight-only", "fp8-dynamic"])
 def test_mse_search_looks_above_the_largest_magnitude_and_never_loses_to_minmax(scheme):
     """The MSE grid reaches past 1x the amax: a scale that E4M3 rounding pulls down (NVFP4 group scales), or that
@@ -229,6 +228,7 @@ def test_mse_search_looks_above_the_largest_magnitude_and_never_loses_to_minmax(
     above = best > a0 * 1.001
     assert above.any()  # some groups / rows take an amax above their largest magnitude ...
     assert (err(best)[above] < err(a0)[above]).all()  # ... and only where it strictly lowers their error
+
 
 def test_quantized_model_still_runs_and_stays_close():
     m = random_model(tiny_arch())
