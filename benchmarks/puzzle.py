@@ -113,8 +113,8 @@ def heal(parent, child, train, held, args, loss: str):
 
     cfg = DistillConfig(tokens=args.gkd_tokens, seq_len=args.seq_len, batch=args.batch, lr=args.lr, warmup_steps=2,
                         loss=loss, eval_every=10**9, ckpt_every=10**9, seed=0)
-    child, log = distill(parent, child, train, cfg, heldout=held, progress=False)
-    return child, {"tokens": cfg.steps * cfg.tokens_per_step, "steps": cfg.steps, "loss": loss,
+    child, log = distill(parent, child, train, cfg, heldout=held, progress=False, compute_dtype=args.gkd_dtype)
+    return child, {"tokens": cfg.steps * cfg.tokens_per_step, "steps": cfg.steps, "loss": loss, "dtype": args.gkd_dtype,
                    "final_loss": log[-1]["loss"] if log else None}
 
 
@@ -161,6 +161,9 @@ def main() -> None:
     ap.add_argument("--bld-tokens", type=int, default=32768)
     ap.add_argument("--score-samples", type=int, default=4)
     ap.add_argument("--gkd-tokens", type=int, default=16384, help="global distillation tokens per child (all alike)")
+    ap.add_argument("--gkd-dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="distillation compute dtype (bf16: autocast, fp32 master weights; ~1.7x faster on a CPU "
+                         "with AVX512-BF16)")
     ap.add_argument("--batch", type=int, default=8, help="distillation batch (sequences)")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--report-samples", type=int, default=8, help="reporting chunks for the KLD")

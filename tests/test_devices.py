@@ -119,5 +119,5 @@ def test_compute_commands_put_model_and_batches_on_the_requested_device_and_dtyp
         assert isinstance(json.loads(r.output), dict)
     assert forwards and all(w == x == torch.device("cpu") for w, _, x in forwards)
     dtypes = {dt for _, dt, _ in forwards}
-    # distillation trains fp32 master weights (bf16 autocast on a GPU) beside a bf16 teacher
+    # distillation trains fp32 master weights (under bf16 autocast) beside a bf16 teacher
     assert dtypes == ({torch.bfloat16, torch.float32} if command == "distill" else {torch.bfloat16}), dtypes

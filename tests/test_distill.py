@@ -215,3 +215,24 @@ def test_cli_refuses_to_overwrite_an_earlier_runs_checkpoint(teacher, tmp_path):
     out = json.loads(r.output)
     assert out["steps"] == 4 and out["data"]["train"]["split"] == "calibration"
     assert out["data"]["heldout"]["split"] == "selection" and out["compute_dtype"] == "fp32"
+
+
+def test_bf16_on_the_cpu_runs_under_autocast_and_keeps_fp32_master_weights(teacher, chunks):
+    """compute_dtype="bf16" on the CPU: the student's linear layers compute in bf16 (autocast), its weights and the
+    optimizer stay fp32, and distillation still lowers the held-out KLD; the default (fp32) computes in fp32."""
+    from tessera.distill import start_run, train_step
+    from tessera.evaluate import mean_kld
+
+    for dtype, expected in ((None, torch.float32), ("bf16", torch.bfloat16)):
+        run = start_run(teacher, student_of(teacher), chunks, CFG, heldout=None, ckpt_dir=None, compute_dtype=dtype)
+        seen: list[torch.dtype] = []
+        down = run.student.model.layers[0].mlp.down_proj
+        hook = down.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
+        train_step(run)
+        hook.remove()
+        assert seen == [expected] and run.compute_dtype == (dtype or "fp32")
+        assert all(p.dtype == torch.float32 for p in run.student.parameters())
+    student = student_of(teacher)
+    before = mean_kld(teacher, student, chunks[:4]).kld
+    student, log = distill(teacher, student, chunks[4:], CFG, heldout=chunks[:4], progress=False, compute_dtype="bf16")
+    assert log[-1]["heldout_kld"] < 0.8 * before

@@ -62,15 +62,17 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
 
 
 def default_dtype(device: torch.device) -> str:
-    """fp32 on the CPU (exact, and bf16 matmuls are slow there), bf16 on a GPU."""
+    """fp32 on the CPU (exact; bf16 is only faster on a CPU with native bf16 matmuls, so it is asked for), bf16 on a
+    GPU."""
     return "bf16" if device.type == "cuda" else "fp32"
 
 
 def autocast(device: torch.device, dtype: str | torch.dtype | None):
-    """bf16/fp16 autocast on a GPU for a model held in fp32 (e.g. distillation's master weights); else nothing."""
-    if device.type != "cuda" or dtype is None or format_name(dtype) == "fp32":
+    """bf16/fp16 autocast on a GPU or the CPU for a model held in fp32 (e.g. distillation's master weights); nothing
+    for fp32. (On a CPU with AVX512-BF16 a distillation step of the default parent runs ~1.7x faster in bf16.)"""
+    if device.type not in ("cuda", "cpu") or dtype is None or format_name(dtype) == "fp32":
         return nullcontext()
-    return torch.autocast("cuda", dtype=torch_dtype(dtype))
+    return torch.autocast(device.type, dtype=torch_dtype(dtype))
 
 
 def init_distributed(device: torch.device | str | None = None) -> tuple[int, int]:

@@ -13,7 +13,7 @@ AdamW, linear warm-up then cosine decay, gradient clipping, periodic KLD on held
 2. `start_run`        checks, seeds, the optimizer, the DDP wrapper; fingerprints of the inputs;
 3. `restore`          with resume=True: refuses a checkpoint made with other settings or inputs (naming each
                       difference), else loads student, optimizer, RNG and step;
-4. `train_step`       one global batch (gradient accumulation, DDP all-reduce), under bf16 autocast on a GPU;
+4. `train_step`       one global batch (gradient accumulation, DDP all-reduce), under the compute dtype's autocast;
 5. `evaluate`         held-out KLD every `eval_every` steps;
 6. `save_checkpoint`  every `ckpt_every` steps, atomically: student weights, optimizer, RNG, step, config and the
                       input fingerprints;
@@ -193,7 +193,7 @@ class DistillRun:
     optimizer: torch.optim.Optimizer
     train: torch.Tensor
     heldout: torch.Tensor | None
-    compute_dtype: str  # autocast dtype on a GPU
+    compute_dtype: str  # autocast dtype (fp32: none)
     world: int = 1
     rank: int = 0
     step: int = 0
@@ -439,9 +439,10 @@ def distill(teacher: Transformer, student: Transformer, train: torch.Tensor | Da
     """Train `student` in place to match `teacher` on token chunks `train` (N, seq_len; the calibration split);
     returns it and the log. `heldout` (the selection split) is scored every `cfg.eval_every` steps.
 
-    Both models must be on one device (the student in fp32: it holds the master weights); on a GPU the forward
-    passes run under `compute_dtype` autocast (default bf16). `max_steps` stops early (as if killed) after that
-    many steps of this call; a later call with resume=True continues exactly where the checkpoint left off.
+    Both models must be on one device (the student in fp32: it holds the master weights); the forward passes run
+    under `compute_dtype` autocast (default: bf16 on a GPU, none (fp32) on the CPU). `max_steps` stops early (as if
+    killed) after that many steps of this call; a later call with resume=True continues exactly where the checkpoint
+    left off.
     `inplace_teacher` corrects the teacher in place (when the caller holds the only copy of a large teacher).
     `parallel` (under torchrun): "ddp" replicates the student, "fsdp" shards it with FSDP2 (see the module doc).
     """
