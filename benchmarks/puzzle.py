@@ -169,6 +169,7 @@ def main() -> None:
     ap.add_argument("--report-samples", type=int, default=8, help="reporting chunks for the KLD")
     ap.add_argument("--limit", type=int, default=200, help="items per accuracy task")
     ap.add_argument("--reps", type=int, default=3, help="timing repetitions")
+    ap.add_argument("--llamacpp-decode", type=int, default=128, help="decode steps of the llama.cpp timing")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--phase", choices=("build", "measure", "all"), default="all",
                     help="build: search, children, distillation, quality; measure: the children's decode speed "
@@ -275,8 +276,12 @@ def build(args) -> None:
 
 def measure(args) -> None:
     """Decode tokens/s of each saved child and of the parent right before and after it, at every batch size;
-    speed-up = child / mean of the two parent runs. Kept in measure.json (children already measured are skipped, so
-    this can run while `build` is still adding children); prints the tables and plots for the measured ones."""
+    speed-up = child / mean of the two parent runs. The same in llama.cpp (f32 GGUF, batch 1, in .venv-llamacpp;
+    children it cannot serve say why) and the cost model's prediction (`tessera.cost.predict`, CPU profile, fp32).
+    Kept in measure.json (children already measured are skipped, so this can run while `build` is still adding
+    children); prints the tables and plots for the measured ones."""
+    from tessera.formats.engines import incompatibilities
+
     results = _results(args)
     file = args.out / "measure.json"
     measured = json.loads(file.read_text()) if file.is_file() else {}
@@ -284,15 +289,34 @@ def measure(args) -> None:
     todo = [r for r in results["rows"] if r["path"] not in measured]
     if todo:
         parent = tessera.load("default")
+        parent_gguf = _gguf(parent, args.out / "children" / "parent.f32.gguf")
         parent_speed = timed("speed", lambda: speed(parent, scenario, args.batches, args.reps))
+        parent_cpp = llamacpp_speed(parent_gguf, scenario, args)
+        parent_pred = predicted(parent.arch, scenario, args.batches)
         for r in todo:
             child = tessera.load(r["path"])
             spd = timed("speed", lambda c=child: speed(c, scenario, args.batches, args.reps))
             again = speed(parent, scenario, args.batches, args.reps)  # load drifts on a shared machine
             base = {b: (parent_speed[b] + again[b]) / 2 for b in args.batches}
-            measured[r["path"]] = {"decode_tok_s": {str(b): spd[b] for b in args.batches},
-                                   "parent_decode_tok_s": {str(b): base[b] for b in args.batches},
-                                   "measured_speedup": {str(b): spd[b] / base[b] for b in args.batches}}
+            entry = {"decode_tok_s": {str(b): spd[b] for b in args.batches},
+                     "parent_decode_tok_s": {str(b): base[b] for b in args.batches},
+                     "measured_speedup": {str(b): spd[b] / base[b] for b in args.batches},
+                     "cost_model_speedup": {str(b): v / parent_pred[b]
+                                            for b, v in predicted(child.arch, scenario, args.batches).items()}}
+            why = incompatibilities(child.arch, "llamacpp")
+            if why:
+                entry["llamacpp"] = {"not_servable": str(why[0])}
+            else:
+                cpp = llamacpp_speed(_gguf(child, Path(r["path"] + ".f32.gguf")), scenario, args)
+                cpp_again = llamacpp_speed(parent_gguf, scenario, args)
+                if cpp and parent_cpp and cpp_again:
+                    cpp_base = (parent_cpp + cpp_again) / 2
+                    entry["llamacpp"] = {"decode_tok_s": cpp, "parent_decode_tok_s": cpp_base,
+                                         "speedup": cpp / cpp_base}
+                    parent_cpp = cpp_again
+                else:
+                    entry["llamacpp"] = {"not_servable": "llama.cpp did not run (.venv-llamacpp missing or failed)"}
+            measured[r["path"]] = entry
             parent_speed = again
             tmp = args.out / ".measure.json.tmp"
             tmp.write_text(json.dumps(measured, indent=1))
@@ -308,6 +332,32 @@ def measure(args) -> None:
     print("\nwall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in results["stage_seconds"].items()))
 
 
+def _gguf(model, path: Path) -> Path:
+    from tessera.formats.gguf_export import export_gguf
+
+    if not path.is_file():
+        export_gguf(model, path, "f32")
+    return path
+
+
+def llamacpp_speed(gguf: Path, scenario: Scenario, args) -> float | None:
+    """llama.cpp's decode tok/s (batch 1, prompt of the scenario's length, `--llamacpp-decode` steps)."""
+    from engine_speed import engine_run
+
+    request = {"prompts": [[1, 504, 3458, 282, 4649, 314, 253, 2095, 28, 9, 17, 15, 16]], "max_tokens": 1,
+               "bench": {"prompt_len": scenario.input_len, "decode_tokens": args.llamacpp_decode}}
+    got = engine_run("llamacpp", gguf, request, torch.get_num_threads())
+    return got["decode_tok_s"] if got else None
+
+
+def predicted(arch, scenario: Scenario, batches: list[int]) -> dict[int, float]:
+    from tessera.cost import predict
+    from tessera.hardware import get_hardware
+
+    hw = get_hardware("cpu")
+    return {b: predict(arch, hw, scenario, dtype="fp32", batch=b).decode_tokens_per_s for b in batches}
+
+
 def _counts(sol) -> list[tuple[str, int]]:
     from collections import Counter
 
@@ -321,15 +371,21 @@ def _print(rows, parent_acc, parent_speed, args) -> None:
     print(f"\nparent: average accuracy {100 * parent_acc['average']:.1f} ± {100 * parent_acc['average_stderr']:.1f} "
           f"({tasks}); decode " + ", ".join(f"{parent_speed[x]:.1f} tok/s at batch {x}" for x in b))
     head = " | ".join(f"measured x (b={x})" for x in b)
-    print(f"\n| target | method | shape | predicted x | {head} | KLD before | KLD after ± se | avg acc ± se | preserved |")
-    print("|---:|---|---|---:|" + "---:|" * len(b) + "---:|---:|---:|---:|")
+    print(f"\n| target | method | shape | params | KLD before | KLD after ± se | avg acc ± se | preserved | "
+          f"predicted x (block costs) | {head} | cost model x (b={b[0]}) | llama.cpp x (b=1) |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(b) + "---:|---:|")
     for r in rows:
         ms = " | ".join(f"{r['measured_speedup'][str(x)]:.2f}" for x in b)
-        a = r["accuracy"]
-        print(f"| {r['target']:.2f}x | {r['method']} | {r['shape']} | {r['predicted_speedup']:.2f} | {ms} | "
+        a, cpp = r["accuracy"], r.get("llamacpp", {})
+        cpp_cell = f"{cpp['speedup']:.2f}" if "speedup" in cpp else f"- ({cpp.get('not_servable', 'not run')})"
+        print(f"| {r['target']:.2f}x | {r['method']} | {r['shape']} | {r['params'] / 1e6:.1f} M | "
               f"{r['kld_before']:.3f} | {r['kld']:.3f} ± {r['kld_stderr']:.3f} | "
-              f"{100 * a['average']:.1f} ± {100 * a['average_stderr']:.1f} | "
-              f"{100 * r['preserved']:.1f}% |")
+              f"{100 * a['average']:.1f} ± {100 * a['average_stderr']:.1f} | {100 * r['preserved']:.1f}% | "
+              f"{r['predicted_speedup']:.2f} | {ms} | {r['cost_model_speedup'][str(b[0])]:.2f} | {cpp_cell} |")
+    print("\nper task (accuracy ± se):")
+    for r in rows:
+        print(f"- {r['method']} {r['target']:g}x: " + ", ".join(
+            f"{t} {100 * v['acc']:.1f} ± {100 * v['stderr']:.1f}" for t, v in r["accuracy"]["tasks"].items()))
 
 
 def _plots(rows, parent_acc, args) -> None:
