@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_children import build  # noqa: E402
 
 MODELS = ("parent", "minitron", "het-vllm", "het-llamacpp")
+PROMPT_IDS = [1, 504, 3458, 282, 4649, 314, 253, 2095, 28, 9, 17, 15, 16]  # token ids; a timed prompt repeats them
 
 
 def engine_run(engine: str, model: Path, request: dict, threads: int) -> dict | None:
@@ -65,7 +66,7 @@ def main() -> None:
     paths = build(out / "models", gguf_types=("f32", "q8_0"), names=MODELS)
     scenario = Scenario(args.prompt, args.decode)
     hw = get_hardware("cpu")
-    request = {"prompts": [[1, 504, 3458, 282, 4649, 314, 253, 2095, 28, 9, 17, 15, 16]], "max_tokens": 1,
+    request = {"prompts": [PROMPT_IDS], "max_tokens": 1,
                "bench": {"prompt_len": args.prompt, "decode_tokens": args.decode}}
     rows = {}
     for name in MODELS:

@@ -237,7 +237,7 @@ def build(args) -> None:
     done = {(r["target"], r["method"]) for r in results["rows"]}
     for s in args.speedups:
         sol = timed("mip", lambda s=s: solve(scores.kl, costs, [Constraint("speedup", s, phase="decode")],
-                                             exclude=[(p.layer, p.attention, p.ffn) for p in library.pair_exclusions]))[0]
+                                             exclude=library.pair_exclusion_keys()))[0]
         shapes = baseline_shapes(costs, s, parent.arch)
         makers = {
             "puzzle": (lambda sol=sol: assemble(parent, library, sol.layers,
@@ -315,7 +315,7 @@ def measure(args) -> None:
                                          "speedup": cpp / cpp_base}
                     parent_cpp = cpp_again
                 else:
-                    entry["llamacpp"] = {"not_servable": "llama.cpp did not run (.venv-llamacpp missing or failed)"}
+                    entry["llamacpp"] = {"failed": "llama.cpp did not run (.venv-llamacpp missing or failed)"}
             measured[r["path"]] = entry
             parent_speed = again
             tmp = args.out / ".measure.json.tmp"
@@ -342,9 +342,9 @@ def _gguf(model, path: Path) -> Path:
 
 def llamacpp_speed(gguf: Path, scenario: Scenario, args) -> float | None:
     """llama.cpp's decode tok/s (batch 1, prompt of the scenario's length, `--llamacpp-decode` steps)."""
-    from engine_speed import engine_run
+    from engine_speed import PROMPT_IDS, engine_run
 
-    request = {"prompts": [[1, 504, 3458, 282, 4649, 314, 253, 2095, 28, 9, 17, 15, 16]], "max_tokens": 1,
+    request = {"prompts": [PROMPT_IDS], "max_tokens": 1,
                "bench": {"prompt_len": scenario.input_len, "decode_tokens": args.llamacpp_decode}}
     got = engine_run("llamacpp", gguf, request, torch.get_num_threads())
     return got["decode_tok_s"] if got else None
@@ -377,7 +377,8 @@ def _print(rows, parent_acc, parent_speed, args) -> None:
     for r in rows:
         ms = " | ".join(f"{r['measured_speedup'][str(x)]:.2f}" for x in b)
         a, cpp = r["accuracy"], r.get("llamacpp", {})
-        cpp_cell = f"{cpp['speedup']:.2f}" if "speedup" in cpp else f"- ({cpp.get('not_servable', 'not run')})"
+        cpp_cell = (f"{cpp['speedup']:.2f}" if "speedup" in cpp
+                    else f"- ({cpp.get('not_servable') or cpp.get('failed', 'not run')})")
         print(f"| {r['target']:.2f}x | {r['method']} | {r['shape']} | {r['params'] / 1e6:.1f} M | "
               f"{r['kld_before']:.3f} | {r['kld']:.3f} ± {r['kld_stderr']:.3f} | "
               f"{100 * a['average']:.1f} ± {100 * a['average_stderr']:.1f} | {100 * r['preserved']:.1f}% | "

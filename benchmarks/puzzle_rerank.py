@@ -43,7 +43,7 @@ def main() -> None:
     for s in args.speedups:
         t0 = time.perf_counter()
         sols = solve(scores.kl, costs, [Constraint("speedup", s, phase="decode")], num_solutions=args.solutions,
-                     alpha=args.alpha, exclude=[(p.layer, p.attention, p.ffn) for p in library.pair_exclusions])
+                     alpha=args.alpha, exclude=library.pair_exclusion_keys())
         for i, sol in enumerate(sols):
             child = assemble(parent, library, sol.layers, weights=lambda li, v: variant_state(library, parent, li, v))
             kld = mean_kld(parent, child, sel.chunks, parent_logits=ref).kld

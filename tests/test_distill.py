@@ -218,8 +218,8 @@ def test_cli_refuses_to_overwrite_an_earlier_runs_checkpoint(teacher, tmp_path):
 
 
 def test_bf16_on_the_cpu_runs_under_autocast_and_keeps_fp32_master_weights(teacher, chunks):
-    """compute_dtype="bf16" on the CPU: the student's linear layers compute in bf16 (autocast), its weights and the
-    optimizer stay fp32, and distillation still lowers the held-out KLD; the default (fp32) computes in fp32."""
+    """compute_dtype="bf16" on the CPU: the student's linear layers compute in bf16 (autocast), its weights stay
+    fp32, and distillation still lowers the held-out KLD; the default (fp32) computes in fp32."""
     from tessera.distill import start_run, train_step
     from tessera.evaluate import mean_kld
 

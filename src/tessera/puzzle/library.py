@@ -603,6 +603,10 @@ class Library:
     def pairs_excluded(self, layer: int) -> set[tuple[str, str]]:
         return {(p.attention, p.ffn) for p in self.pair_exclusions if p.layer == layer}
 
+    def pair_exclusion_keys(self) -> list[tuple[int, str, str]]:
+        """Every (layer, attention key, FFN key) the library rules out: `tessera.puzzle.mip.solve`'s `exclude`."""
+        return [(p.layer, p.attention, p.ffn) for p in self.pair_exclusions]
+
 
 def build_library(parent: Transformer, cfg: LibraryConfig, calib: torch.Tensor, out: str | Path, *,
                   parent_source: str, data_record: dict | None = None, force: bool = False,

@@ -278,9 +278,8 @@ def stage_mip(scores_dir: str | Path, cfg: SearchConfig, out: str | Path, *, for
     t0 = time.perf_counter()
     table, library = load_scores_stage(scores_dir)
     costs = costs or compute_costs(library, cfg, progress)
-    exclude = [(p.layer, p.attention, p.ffn) for p in library.pair_exclusions]
     solutions = solve(table.kl, costs, cfg.constraints, num_solutions=cfg.num_solutions, engine=cfg.library.engine,
-                      exclude=exclude)
+                      exclude=library.pair_exclusion_keys())
     records = [search_record(library, table.kl, costs, cfg.constraints, s, extra={"scores_dir": str(scores_dir)})
                for s in solutions]
     result = {**records[0], "alternatives": [{k: r[k] for k in ("chosen", "objective", "predicted")}
