@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -33,8 +34,9 @@ class _Pipe:
         # pipe ends there (a preexec dup2 could clobber subprocess's own error pipe)
         cmd = f"exec 3<&{r_in} 4>&{w_out}; exec " + " ".join(f"'{a}'" for a in args)
         self.log = tempfile.TemporaryFile()
+        # its own process group, so that close() can stop its helper processes too
         self.proc = subprocess.Popen(["bash", "-c", cmd], pass_fds=(r_in, w_out), stdout=self.log,
-                                     stderr=self.log)
+                                     stderr=self.log, start_new_session=True)
         os.close(r_in)
         os.close(w_out)
         self.w, self.r = w_in, r_out
@@ -70,11 +72,21 @@ class _Pipe:
         return json.loads(raw)
 
     def close(self) -> None:
+        """Shut Chromium down and make sure none of its processes still writes to the profile directory (the
+        caller deletes it next: a helper process writing into it made that fail with "Directory not empty")."""
         try:
-            self.proc.terminate()
+            self.send("Browser.close")  # a clean exit: Chromium flushes the profile, then quits
+        except Exception:  # noqa: BLE001 - it may close the pipe before it answers
+            pass
+        try:
             self.proc.wait(timeout=10)
-        except Exception:  # noqa: BLE001
-            self.proc.kill()
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # any helper process left in its group
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
         os.close(self.w)
         os.close(self.r)
 
