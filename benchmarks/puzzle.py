@@ -46,6 +46,9 @@ from tessera.puzzle.run import (
 )
 
 TASKS = ["arc_easy", "winogrande", "lambada"]
+# question-answer text for `--search-data mix`: bench tasks this benchmark never reports, whole (gold answers)
+MIX_TASKS = ["boolq", "openbookqa", "mmlu"]
+assert not set(MIX_TASKS) & set(TASKS)
 STAGE_SECONDS: dict[str, float] = {}
 
 
@@ -75,6 +78,61 @@ def search_stages(parent, cfg: SearchConfig, out: Path):
         costs = timed("costs (measured)", lambda: compute_costs(library, cfg))
         cost_file.write_text(costs.to_json())
     return library, table, costs
+
+
+def search_mix(out: Path) -> Path:
+    """`out/search_mix.txt`: the shared corpus's calibration split (books) interleaved block by block with the
+    gold question-answer text of MIX_TASKS (0-shot prompts, items shuffled with seed 0), equal shares. The search
+    (library statistics, BLD, scores) reads its calibration and selection splits; the books' selection and
+    reporting splits (GKD validation, reported KLD) never enter it. Written once."""
+    import random
+
+    from tessera.data import default_corpus, interleave, split_text
+    from tessera.evaluate.tasks import TASKS as REGISTRY
+    from tessera.evaluate.tasks import bench_dir, items_text, load_items, load_mmlu
+    from tessera.io import atomic_write_text
+
+    path = out / "search_mix.txt"
+    if path.is_file():
+        return path
+    qa = []
+    for name in MIX_TASKS:  # MMLU without its 5 dev shots, which would repeat in every item
+        items = list(load_mmlu(bench_dir(), k_shot=0)) if name == "mmlu" else load_items(REGISTRY[name])
+        qa += items_text(items)
+    random.Random(0).shuffle(qa)
+    atomic_write_text(path, interleave([split_text(default_corpus(), "calibration"), "\n\n".join(qa)]))
+    return path
+
+
+def seed_baselines(args) -> None:
+    """Start `--out` with the parent's accuracy, the Minitron and ShortGPT rows (their saved children), the
+    measured cost table and their timings from an earlier run with the same healing, evaluation and timing
+    settings, so that only the Puzzle children are built and measured here."""
+    src = args.baselines_from
+    try:
+        old = json.loads((src / "results.json").read_text())
+    except (OSError, ValueError):
+        raise SystemExit(f"--baselines-from {src}: no readable results.json; give an earlier --out of this "
+                         "benchmark") from None
+    same = ("gkd_tokens", "gkd_dtype", "lr", "batch", "limit", "seq_len", "report_samples", "scenario", "batches",
+            "reps", "calib_samples")
+    differ = [k for k in same if old.get("args", {}).get(k) != str(getattr(args, k))]
+    if differ:
+        raise SystemExit(f"--baselines-from {src}: its {', '.join(differ)} differ from this run's; rerun with the "
+                         "same settings or drop --baselines-from")
+    results = _results(args)
+    if results["rows"]:
+        return
+    results["parent"] = old["parent"]
+    results["rows"] = [{**r, "reused_from": str(src)} for r in old["rows"]
+                       if r["method"] != "puzzle" and r["target"] in args.speedups]
+    results["baselines_from"] = str(src)
+    if not (args.out / "costs.json").is_file():  # the same cost table: the baselines' shapes depend on it
+        (args.out / "costs.json").write_text((src / "costs.json").read_text())
+    measured = json.loads((src / "measure.json").read_text()) if (src / "measure.json").is_file() else {}
+    keep = {r["path"]: measured[r["path"]] for r in results["rows"] if r["path"] in measured}
+    (args.out / "measure.json").write_text(json.dumps(keep, indent=1))
+    _write(args, results)
 
 
 def ffn_decode_time(costs: CostTable, width: int) -> float:
@@ -160,6 +218,13 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--bld-tokens", type=int, default=32768)
     ap.add_argument("--score-samples", type=int, default=4)
+    ap.add_argument("--search-data", choices=("corpus", "mix"), default="corpus",
+                    help="text of the search (library statistics, BLD, scores): the shared corpus (books), or "
+                         "mix: its calibration split interleaved with question-answer text of bench tasks this "
+                         "benchmark does not report (" + ", ".join(MIX_TASKS) + "). GKD and KLD use the corpus")
+    ap.add_argument("--baselines-from", type=Path, default=None,
+                    help="reuse the parent accuracy, Minitron / ShortGPT children and their timings of an earlier "
+                         "--out with the same healing, evaluation and timing settings")
     ap.add_argument("--gkd-tokens", type=int, default=16384, help="global distillation tokens per child (all alike)")
     ap.add_argument("--gkd-dtype", choices=("fp32", "bf16"), default="fp32",
                     help="distillation compute dtype (bf16: autocast, fp32 master weights; ~2x faster on a CPU "
@@ -207,13 +272,16 @@ def build(args) -> None:
     from tessera.puzzle.bld import variant_state
 
     t_start = time.perf_counter()
+    if args.baselines_from:
+        seed_baselines(args)
     results = _results(args)
     STAGE_SECONDS.update(results.get("stage_seconds", {}))
     parent = tessera.load("default")
     scenario = Scenario.parse(args.scenario)
-    cfg = SearchConfig(target=Target("cpu", "fp32", (args.scenario,), 1), costs="measured", seq_len=args.seq_len,
-                       calib_samples=args.calib_samples, bld_tokens=args.bld_tokens, score_samples=args.score_samples,
-                       measure_reps=args.reps)
+    data = str(search_mix(args.out)) if args.search_data == "mix" else None
+    cfg = SearchConfig(target=Target("cpu", "fp32", (args.scenario,), 1), costs="measured", data=data,
+                       seq_len=args.seq_len, calib_samples=args.calib_samples, bld_tokens=args.bld_tokens,
+                       score_samples=args.score_samples, measure_reps=args.reps)
     library, scores, costs = search_stages(parent, cfg, args.out)
     print(f"library: {sum(len(lv.attention) for lv in library.layers)} attention and "
           f"{sum(len(lv.ffn) for lv in library.layers)} FFN variants over {library.arch.num_layers} layers; "

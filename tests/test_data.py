@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import tiny_tokenizer
-from tessera.data import SPLITS, check_disjoint, load_split, read_text, split_ranges, text_blocks
+from tessera.data import SPLITS, check_disjoint, interleave, load_split, read_text, split_ranges, split_text, text_blocks
 from tessera.errors import TesseraError
 
 
@@ -97,3 +97,33 @@ def test_unknown_split_and_missing_file(tmp_path):
         load_split(tiny_tokenizer(), "test", numbered_corpus(tmp_path / "c.txt"))
     with pytest.raises(TesseraError, match="no such data file"):
         read_text(tmp_path / "nope.txt")
+
+
+def test_interleaved_mix_gives_every_split_an_equal_share_of_each_text(tmp_path):
+    """A mix of two texts: blocks alternate, it stops when the shorter runs out, and each split of the mix file
+    holds both texts in about equal shares (so a search on the mix sees both in calibration and selection)."""
+    books = read_text(numbered_corpus(tmp_path / "a.txt", n_words=12000, seed=1))
+    qa = "\n".join(f"Question: q{i}?\nAnswer: a{i}" for i in range(3000))
+    mix = interleave([books, qa])
+    assert 1.9 * len(books) < len(mix) < 2.1 * len(books)  # equal shares: the shorter text sets the length
+    path = tmp_path / "mix.txt"
+    path.write_text(mix)
+    for split in ("calibration", "selection"):
+        part = split_text(path, split)
+        q_chars = sum(len(line) + 1 for line in part.splitlines() if line.startswith(("Question:", "Answer:")))
+        assert 0.35 < q_chars / len(part) < 0.65, (split, q_chars / len(part))
+    assert split_text(path, "all") == mix
+    with pytest.raises(TesseraError, match="at least two non-empty texts"):
+        interleave([books, "  "])
+
+
+def test_items_text_is_the_gold_answer_of_each_item():
+    from tessera.evaluate.tasks import Item, items_text
+
+    mc = Item(("Q: sky?\nAnswer:",) * 2, (" green", " blue"), 1)
+    pair = Item(("Tom fed the cat", "Tom fed the dog"), (" because it was hungry",) * 2, 0)
+    done = Item(("He opened the",), (" door",), 0, kind="greedy")
+    assert items_text([mc, pair, done]) == ["Q: sky?\nAnswer: blue", "Tom fed the cat because it was hungry",
+                                            "He opened the door"]
+    with pytest.raises(TesseraError, match="no single gold text"):
+        items_text([Item(("q",), (" a", " b"), (0, 1), kind="mc2")])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -109,10 +110,11 @@ BLOCK_CHARS = 4096
 MIN_BLOCKS = 40  # a short text is cut into smaller blocks, so that each split gets several
 
 
-def text_blocks(text: str) -> list[tuple[int, int]]:
-    """(start, end) character ranges of consecutive blocks that tile `text`: about BLOCK_CHARS characters (fewer
-    for a text shorter than MIN_BLOCKS blocks), each ending at a line break, else a space, in its second half."""
-    size = max(32, min(BLOCK_CHARS, len(text) // MIN_BLOCKS))
+def text_blocks(text: str, size: int | None = None) -> list[tuple[int, int]]:
+    """(start, end) character ranges of consecutive blocks that tile `text`: about `size` characters (default
+    BLOCK_CHARS, fewer for a text shorter than MIN_BLOCKS blocks), each ending at a line break, else a space, in its
+    second half."""
+    size = size or _block_size(len(text))
     blocks, start = [], 0
     while start < len(text):
         end = min(start + size, len(text))
@@ -127,6 +129,10 @@ def text_blocks(text: str) -> list[tuple[int, int]]:
     return blocks
 
 
+def _block_size(chars: int) -> int:
+    return max(32, min(BLOCK_CHARS, chars // MIN_BLOCKS))
+
+
 def split_ranges(text: str, split: str) -> list[tuple[int, int]]:
     """The character ranges of `text` that belong to `split` (all of it for "all")."""
     if split == "all":
@@ -134,6 +140,27 @@ def split_ranges(text: str, split: str) -> list[tuple[int, int]]:
     if split not in SPLITS:
         raise TesseraError(f"unknown data split {split!r}; use one of {', '.join(SPLITS)} or all")
     return [r for j, r in enumerate(text_blocks(text)) if _PATTERN[j % len(_PATTERN)] == split]
+
+
+def split_text(path: str | Path, split: str) -> str:
+    """The text of one split of a data file (its blocks joined by line breaks), as `load_split` tokenizes it."""
+    return _split_part(read_text(path), split)
+
+
+def _split_part(text: str, split: str) -> str:
+    return "\n".join(text[a:b] for a, b in split_ranges(text, split))
+
+
+def interleave(texts: Sequence[str]) -> str:
+    """One text that alternates blocks (`text_blocks` of one size) of each of `texts` in turn and
+    stops when the shortest runs out: an equal-share mix (e.g. books and question-answer text) whose every split
+    samples each part. A mix file is written once and then read like any corpus (`--data`)."""
+    if len(texts) < 2 or any(not t.strip() for t in texts):
+        raise TesseraError("a mix needs at least two non-empty texts")
+    size = _block_size(min(len(t) for t in texts))
+    blocks = [[t[a:b] for a, b in text_blocks(t, size)] for t in texts]
+    n = min(len(b) for b in blocks)
+    return "".join(b[j].rstrip("\n") + "\n" for j in range(n) for b in blocks)
 
 
 def sha256_ids(ids: torch.Tensor) -> str:
@@ -182,7 +209,7 @@ def load_split(tokenizer, split: str, path: str | Path | None = None, *, seq_len
     if seq_len is not None and seq_len < 2:
         raise TesseraError(f"seq_len must be >= 2, got {seq_len}")
     text = read_text(path)
-    part = "\n".join(text[a:b] for a, b in split_ranges(text, split))
+    part = _split_part(text, split)
     ids = tokenize(tokenizer, part, max_tokens) if part.strip() else torch.zeros(0, dtype=torch.long)
     if seq_len is None:
         seq_len = max(ids.numel(), 1)

@@ -286,3 +286,15 @@ def load_items(task: Task, data_dir: str | Path | None = None, limit: int | None
         if limit is not None and len(items) >= limit:
             break
     return items
+
+
+def items_text(items: list[Item]) -> list[str]:
+    """Each item as the text of its gold answer (context + continuation), e.g. question-answer text for a data
+    mix. Multiple-choice and completion items only."""
+    out = []
+    for item in items:
+        if item.kind not in ("mc", "greedy") or not isinstance(item.gold, int):
+            raise TesseraError(f"items of kind {item.kind!r} have no single gold text; use a multiple-choice or "
+                               "completion task")
+        out.append(item.contexts[item.gold if len(item.contexts) > 1 else 0] + item.continuations[item.gold])
+    return out
