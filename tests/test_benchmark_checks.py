@@ -41,3 +41,42 @@ def test_quantization_only_takes_labels_that_hold_commas():
         select_rows(["fp8 (static"])  # what splitting the label on its comma used to ask for
     assert "unknown --only row 'fp8 (static'" in str(info.value.code)
     assert "'fp8 (static, per-tensor)'" in str(info.value.code)
+
+
+def _puzzle_args(out, src, **over):
+    import argparse
+
+    args = dict(gkd_tokens=131072, gkd_dtype="bf16", lr=2e-4, batch=8, limit=500, seq_len=256, report_samples=8,
+                scenario="32/32", batches=[1, 8], reps=3, calib_samples=64, speedups=[1.25, 1.5], out=out,
+                baselines_from=src)
+    args.update(over)
+    return argparse.Namespace(**args)
+
+
+def test_puzzle_reuses_only_the_baselines_of_a_run_with_the_same_settings(tmp_path):
+    """`benchmarks/puzzle.py --baselines-from`: the parent accuracy, the Minitron / ShortGPT rows of the asked
+    speed-ups, the cost table and those rows' timings come over; Puzzle rows never do; other settings are refused."""
+    import json
+
+    from puzzle import _write, seed_baselines
+
+    src, out = tmp_path / "old", tmp_path / "new"
+    src.mkdir(), out.mkdir()
+    old = _puzzle_args(src, None, speedups=[1.25, 1.5, 2.0])
+    rows = [{"target": s, "method": m, "path": f"{src}/{m}-{s}"} for s in (1.25, 1.5, 2.0)
+            for m in ("puzzle", "minitron", "shortgpt")]
+    _write(old, {"rows": rows, "parent": {"accuracy": {"average": 0.4}}})
+    (src / "costs.json").write_text('{"costs": 1}')
+    (src / "measure.json").write_text(json.dumps({r["path"]: {"measured": r["path"]} for r in rows}))
+
+    with pytest.raises(SystemExit, match="its gkd_tokens, limit differ"):
+        seed_baselines(_puzzle_args(out, src, gkd_tokens=16384, limit=200))
+    assert not (out / "results.json").exists()
+
+    seed_baselines(_puzzle_args(out, src))
+    got = json.loads((out / "results.json").read_text())
+    assert got["parent"]["accuracy"]["average"] == 0.4 and got["baselines_from"] == str(src)
+    assert sorted((r["method"], r["target"]) for r in got["rows"]) == [
+        ("minitron", 1.25), ("minitron", 1.5), ("shortgpt", 1.25), ("shortgpt", 1.5)]
+    assert (out / "costs.json").read_text() == '{"costs": 1}'
+    assert set(json.loads((out / "measure.json").read_text())) == {r["path"] for r in got["rows"]}
