@@ -115,8 +115,9 @@ def seed_baselines(args) -> None:
         raise SystemExit(f"--baselines-from {src}: no readable results.json; give an earlier --out of this "
                          "benchmark") from None
     same = ("gkd_tokens", "gkd_dtype", "lr", "batch", "limit", "seq_len", "report_samples", "scenario", "batches",
-            "reps", "calib_samples")
-    differ = [k for k in same if old.get("args", {}).get(k) != str(getattr(args, k))]
+            "reps", "calib_samples", "gkd_data")
+    before = {"gkd_data": "corpus", **old.get("args", {})}  # runs made before --gkd-data healed on the corpus
+    differ = [k for k in same if before.get(k) != str(getattr(args, k))]
     if differ:
         raise SystemExit(f"--baselines-from {src}: its {', '.join(differ)} differ from this run's; rerun with the "
                          "same settings or drop --baselines-from")
@@ -212,6 +213,8 @@ def speed(model, scenario: Scenario, batches: list[int], reps: int) -> dict[int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--speedups", type=float, nargs="+", default=[1.25, 1.5, 2.0])
+    ap.add_argument("--methods", nargs="+", choices=("puzzle", "minitron", "shortgpt"),
+                    default=["puzzle", "minitron", "shortgpt"], help="which children to build")
     ap.add_argument("--scenario", default="32/32", help="IN/OUT tokens of the decode-speed measurement")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="batch sizes the children are timed at")
     ap.add_argument("--seq-len", type=int, default=256)
@@ -222,6 +225,10 @@ def main() -> None:
                     help="text of the search (library statistics, BLD, scores): the shared corpus (books), or "
                          "mix: its calibration split interleaved with question-answer text of bench tasks this "
                          "benchmark does not report (" + ", ".join(MIX_TASKS) + "). GKD and KLD use the corpus")
+    ap.add_argument("--gkd-data", choices=("corpus", "mix"), default="corpus",
+                    help="text of the global distillation of every child and of the baselines' importance: the "
+                         "shared corpus's calibration split, or the mix of --search-data mix (the KLD is always "
+                         "reported on the corpus's reporting split, which the mix never holds)")
     ap.add_argument("--baselines-from", type=Path, default=None,
                     help="reuse the parent accuracy, Minitron / ShortGPT children and their timings of an earlier "
                          "--out with the same healing, evaluation and timing settings")
@@ -287,9 +294,11 @@ def build(args) -> None:
           f"{sum(len(lv.ffn) for lv in library.layers)} FFN variants over {library.arch.num_layers} layers; "
           f"costs: {costs.source}", flush=True)
 
-    calibration = load_split(parent.tokenizer, "calibration", seq_len=args.seq_len,
+    heal_data = search_mix(args.out) if args.gkd_data == "mix" else None
+    calibration = load_split(parent.tokenizer, "calibration", heal_data, seq_len=args.seq_len,
                              max_tokens=args.gkd_tokens + 2 * args.calib_samples * args.seq_len)
-    held = load_split(parent.tokenizer, "selection", seq_len=args.seq_len, max_tokens=4 * args.seq_len).take(4)
+    held = load_split(parent.tokenizer, "selection", heal_data, seq_len=args.seq_len,
+                      max_tokens=4 * args.seq_len).take(4)
     report = load_split(parent.tokenizer, "reporting", seq_len=args.seq_len,
                         max_tokens=args.report_samples * args.seq_len).take(args.report_samples)
     records = {"calibration": calibration.record(), "selection (scores)": scores.data, "reporting": report.record()}
@@ -317,7 +326,7 @@ def build(args) -> None:
                          shapes["shortgpt_predicted"]),
         }
         for name, (make, loss, predicted) in makers.items():
-            if (s, name) in done:
+            if (s, name) in done or name not in args.methods:
                 continue
             child = timed("assemble / prune", make)
             kld_before = mean_kld(parent, child, report.chunks, parent_logits=ref).kld

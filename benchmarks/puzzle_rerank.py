@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 import tessera
-from tessera.data import load_split
+from tessera.data import load_split, sha256_ids
 from tessera.evaluate import mean_kld, parent_logits_for
 from tessera.puzzle.assemble import assemble
 from tessera.puzzle.bld import variant_state
@@ -37,7 +37,10 @@ def main() -> None:
     scores, library = load_scores_stage(args.out / "scores")
     costs = CostTable.from_json((args.out / "costs.json").read_text())
     d = scores.data
-    sel = load_split(parent.tokenizer, "selection", seq_len=d["seq_len"], max_tokens=d["tokens"]).take(d["chunks"])
+    sel = load_split(parent.tokenizer, "selection", d.get("source"), seq_len=d["seq_len"],
+                     max_tokens=d["tokens"]).take(d["chunks"])
+    if d.get("sha256") and sha256_ids(sel.chunks) != d["sha256"]:
+        raise SystemExit(f"{args.out}: the selection tokens differ from those the scores were measured on")
     ref = parent_logits_for(parent, sel.chunks)
     print("| target | solution | summed score | real KLD | no-op attention | linear FFN |\n|---:|---:|---:|---:|---:|---:|")
     for s in args.speedups:

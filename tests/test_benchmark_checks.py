@@ -47,8 +47,8 @@ def _puzzle_args(out, src, **over):
     import argparse
 
     args = dict(gkd_tokens=131072, gkd_dtype="bf16", lr=2e-4, batch=8, limit=500, seq_len=256, report_samples=8,
-                scenario="32/32", batches=[1, 8], reps=3, calib_samples=64, speedups=[1.25, 1.5], out=out,
-                baselines_from=src)
+                scenario="32/32", batches=[1, 8], reps=3, calib_samples=64, gkd_data="corpus", speedups=[1.25, 1.5],
+                out=out, baselines_from=src)
     args.update(over)
     return argparse.Namespace(**args)
 
@@ -69,8 +69,8 @@ def test_puzzle_reuses_only_the_baselines_of_a_run_with_the_same_settings(tmp_pa
     (src / "costs.json").write_text('{"costs": 1}')
     (src / "measure.json").write_text(json.dumps({r["path"]: {"measured": r["path"]} for r in rows}))
 
-    with pytest.raises(SystemExit, match="its gkd_tokens, limit differ"):
-        seed_baselines(_puzzle_args(out, src, gkd_tokens=16384, limit=200))
+    with pytest.raises(SystemExit, match="its gkd_tokens, limit, gkd_data differ"):
+        seed_baselines(_puzzle_args(out, src, gkd_tokens=16384, limit=200, gkd_data="mix"))
     assert not (out / "results.json").exists()
 
     seed_baselines(_puzzle_args(out, src))
