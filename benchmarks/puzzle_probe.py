@@ -12,11 +12,16 @@ its accuracy on `--tasks` (arc_easy acc_norm and lambada acc by default, `--limi
 * llamacpp:    the MIP on the KL, pairs llama.cpp cannot serve left out (no linear FFN);
 * layers:      the MIP on the KL, each layer either the parent's or dropped whole (ShortGPT's space).
 
+--part healed: KLD to the parent of saved (healed) children on text no search or healing reads: LAMBADA items
+2000-2149 (context + last word) and ARC-Challenge items 0-399 (question + gold answer), 16 x 256 tokens each, and
+the corpus's reporting split (16 x 256).
+
 --part context: replace-1-block KL of some variants on the same selection text cut into 256- and 1024-token
 chunks (does attention removal cost more with more context?).
 
     .venv/bin/python benchmarks/puzzle_probe.py --out runs/puzzle_mix --part choice --speedup 1.5
     .venv/bin/python benchmarks/puzzle_probe.py --out runs/puzzle_mix --part context
+    .venv/bin/python benchmarks/puzzle_probe.py --out runs/puzzle --part healed --children puzzle-1.5x shortgpt-1.5x
 """
 
 from __future__ import annotations
@@ -109,6 +114,27 @@ def part_choice(args, parent, library, scores, costs) -> None:
               flush=True)
 
 
+def part_healed(args, parent) -> None:
+    from tessera.data import chunk, tokenize
+    from tessera.evaluate import mean_kld
+    from tessera.evaluate.tasks import get_task, items_text, load_items
+
+    def task_text(task: str, start: int, stop: int) -> torch.Tensor:
+        text = "\n\n".join(items_text(load_items(get_task(task), limit=stop)[start:]))
+        return chunk(tokenize(parent.tokenizer, text), 256)[:16]
+
+    texts = {"LAMBADA 2000-2149": task_text("lambada", 2000, 2150),
+             "ARC-Challenge 0-399": task_text("arc_challenge", 0, 400),
+             "books (reporting)": load_split(parent.tokenizer, "reporting", seq_len=256,
+                                             max_tokens=16 * 256).take(16).chunks}
+    print(f"\nKLD to the parent of healed children ({args.out}/children):\n")
+    print("| child | " + " | ".join(texts) + " |\n|---|" + "---:|" * len(texts))
+    for name in args.children:
+        child = tessera.load(args.out / "children" / name)
+        print(f"| {name} | " + " | ".join(f"{mean_kld(parent, child, t).kld:.3f}" for t in texts.values()) + " |",
+              flush=True)
+
+
 def part_context(args, parent, library, scores) -> None:
     d = scores.data
     sel = load_split(parent.tokenizer, "selection", d["source"], seq_len=1024, max_tokens=4096)
@@ -130,7 +156,8 @@ def part_context(args, parent, library, scores) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="a finished benchmarks/puzzle.py --out directory")
-    ap.add_argument("--part", choices=("choice", "context"), required=True)
+    ap.add_argument("--part", choices=("choice", "healed", "context"), required=True)
+    ap.add_argument("--children", nargs="+", default=["puzzle-1.5x", "shortgpt-1.5x"], help="--part healed")
     ap.add_argument("--speedup", type=float, default=1.5)
     ap.add_argument("--choices", nargs="+", choices=CHOICES, default=list(CHOICES))
     ap.add_argument("--report-data", default=None, help="text for the closeness columns (default: the corpus; "
@@ -148,6 +175,8 @@ def main() -> None:
     scores, library = load_scores_stage(args.out / "scores")
     if args.part == "choice":
         part_choice(args, parent, library, scores, CostTable.from_json((args.out / "costs.json").read_text()))
+    elif args.part == "healed":
+        part_healed(args, parent)
     else:
         part_context(args, parent, library, scores)
 
