@@ -108,6 +108,8 @@ def seed_baselines(args) -> None:
     """Start `--out` with the parent's accuracy, the Minitron and ShortGPT rows (their saved children), the
     measured cost table and their timings from an earlier run with the same healing, evaluation and timing
     settings, so that only the Puzzle children are built and measured here."""
+    from tessera.io import atomic_write_text
+
     src = args.baselines_from
     try:
         old = json.loads((src / "results.json").read_text())
@@ -129,11 +131,11 @@ def seed_baselines(args) -> None:
                        if r["method"] != "puzzle" and r["target"] in args.speedups]
     results["baselines_from"] = str(src)
     if not (args.out / "costs.json").is_file():  # the same cost table: the baselines' shapes depend on it
-        (args.out / "costs.json").write_text((src / "costs.json").read_text())
+        atomic_write_text(args.out / "costs.json", (src / "costs.json").read_text())
     measured = json.loads((src / "measure.json").read_text()) if (src / "measure.json").is_file() else {}
     keep = {r["path"]: measured[r["path"]] for r in results["rows"] if r["path"] in measured}
-    (args.out / "measure.json").write_text(json.dumps(keep, indent=1))
-    _write(args, results)
+    atomic_write_text(args.out / "measure.json", json.dumps(keep, indent=1))
+    _write(args, results)  # last: a run killed before this seeds again
 
 
 def ffn_decode_time(costs: CostTable, width: int) -> float:
@@ -224,7 +226,7 @@ def main() -> None:
     ap.add_argument("--search-data", choices=("corpus", "mix"), default="corpus",
                     help="text of the search (library statistics, BLD, scores): the shared corpus (books), or "
                          "mix: its calibration split interleaved with question-answer text of bench tasks this "
-                         "benchmark does not report (" + ", ".join(MIX_TASKS) + "). GKD and KLD use the corpus")
+                         "benchmark does not report (" + ", ".join(MIX_TASKS) + "); GKD: see --gkd-data")
     ap.add_argument("--gkd-data", choices=("corpus", "mix"), default="corpus",
                     help="text of the global distillation of every child and of the baselines' importance: the "
                          "shared corpus's calibration split, or the mix of --search-data mix (the KLD is always "

@@ -6,7 +6,8 @@ each with its summed replace-1-block score, its closeness to the parent on the c
 tokens, or of `--report-data`: KLD, top-1 agreement, KLD where the parent is confident and where it is not) and
 its accuracy on `--tasks` (arc_easy acc_norm and lambada acc by default, `--limit` items each):
 
-* shortgpt:    the layers with the lowest Block Importance dropped (the benchmark's ShortGPT shape);
+* shortgpt:    the layers with the lowest Block Importance (on the corpus's calibration split) dropped, as many
+               as the benchmark's ShortGPT child drops;
 * kl:          the MIP on the replace-1-block KL (what `benchmarks/puzzle.py` builds);
 * lm:          the MIP on the replace-1-block LM-loss increase instead;
 * llamacpp:    the MIP on the KL, pairs llama.cpp cannot serve left out (no linear FFN);
