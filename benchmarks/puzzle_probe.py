@@ -53,12 +53,12 @@ def choose(how: str, parent, library, scores, costs, speedup: float):
 
     if how == "shortgpt":
         from tessera.importance import activation_importance
-        from tessera.prune import shortgpt
+        from tessera.prune import PruneTarget, layers_to_drop, shortgpt
 
         cal = load_split(parent.tokenizer, "calibration", seq_len=256, max_tokens=64 * 256).take(64)
         imp = activation_importance(parent, cal, with_drop_loss=False)
         keep = baseline_shapes(costs, speedup, parent.arch)["shortgpt_layers"]
-        dropped = sorted(torch.topk(imp.block_importance, parent.arch.num_layers - keep, largest=False).indices.tolist())
+        dropped = layers_to_drop(parent, imp, PruneTarget(layers=keep, layer_metric="bi"))  # what shortgpt drops
         summed = sum(scores.kl[(i, "attn.no_op")] + scores.kl[(i, "ffn.no_op")] for i in dropped)
         return shortgpt(parent, imp, keep), summed, dropped, 0
     table = scores.kl if how != "lm" else {k: v - scores.parent_lm_loss for k, v in scores.lm_loss.items()}
@@ -83,8 +83,10 @@ def closeness(parent_logits, child, chunks: torch.Tensor) -> dict[str, float]:
     from tessera.evaluate.kld import kl_per_token
 
     kl, agree, confident = [], [], []
-    for b, p in enumerate(parent_logits):
-        q = child(chunks[b * len(p):(b + 1) * len(p)])
+    start = 0
+    for p in parent_logits:  # one tensor per batch of chunks, in order
+        q = child(chunks[start:start + len(p)])
+        start += len(p)
         kl.append(kl_per_token(p, q).flatten())
         agree.append((p.argmax(-1) == q.argmax(-1)).flatten())
         confident.append((torch.softmax(p.float(), -1).amax(-1) > 0.5).flatten())

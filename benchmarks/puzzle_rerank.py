@@ -20,7 +20,7 @@ from tessera.puzzle.assemble import assemble
 from tessera.puzzle.bld import variant_state
 from tessera.puzzle.costs import CostTable
 from tessera.puzzle.mip import Constraint, solve
-from tessera.puzzle.run import load_library, load_scores_stage
+from tessera.puzzle.run import load_scores_stage
 
 
 def main() -> None:
@@ -33,8 +33,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     parent = tessera.load("default")
-    library = load_library(args.out / "library", parent)
-    scores, library = load_scores_stage(args.out / "scores")
+    scores, library = load_scores_stage(args.out / "scores")  # and the library the scores were made from
+    library.check_parent(parent)
     costs = CostTable.from_json((args.out / "costs.json").read_text())
     d = scores.data
     sel = load_split(parent.tokenizer, "selection", d.get("source"), seq_len=d["seq_len"],
