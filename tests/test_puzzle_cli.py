@@ -80,6 +80,7 @@ def test_stage_commands_chain_through_their_directories(parent_dir, data_file, t
     saved = json.loads((child / "search.json").read_text())
     assert saved["chosen"] == chosen and saved["constraints"][0]["kind"] == "speedup"
     assert saved["report"]["data"]["split"] == "reporting" and saved["gkd"]["loss"] == "kl+cosine-layers"
+    assert saved["gkd"]["dtype"] == "fp32"  # the CPU's default, recorded
     # every stage refuses to overwrite without --force, in one line
     assert_one_line_error(cli("puzzle", "library", parent_dir, "--out", lib, *d), "already exists")
     assert_one_line_error(cli("puzzle", "bld", lib, *d), "already complete")
@@ -125,12 +126,14 @@ def test_search_cli_prints_one_summary_and_serves_the_engine(parent_dir, data_fi
     r = cli("search", parent_dir, "--out", tmp_path / "s", "--target-speedup", "1.1", "--phase", "decode", "--gpu",
             "h100", "--scenario", "64/64", "--bld-tokens", "64", "--gkd-tokens", "64", "--calib-samples", "8",
             "--score-samples", "4", "--ffn-fractions", "0.5", "--engine", "llamacpp", "--data", data_file, *SMALL,
-            "--json")
+            "--gkd-dtype", "bf16", "--json")
     assert r.exit_code == 0, r.output
     summary = json.loads(r.output)
     assert summary["constraint_values"] and set(summary["seconds"]) == {"library", "bld", "score", "mip", "assemble"}
     assert summary["predicted"]["speedup[64/64,decode]"] >= 1.1
-    chosen = json.loads((tmp_path / "s" / "child" / "search.json").read_text())["chosen"]
+    record = json.loads((tmp_path / "s" / "child" / "search.json").read_text())
+    assert record["gkd"]["dtype"] == "bf16"
+    chosen = record["chosen"]
     assert any(c["ffn"] != "ffn.swiglu-64" or c["attention"] != "attn.gqa-kv2" for c in chosen)  # a real search
     assert all(c["ffn"] != "ffn.linear" for c in chosen)  # llama.cpp has no linear FFN
     assert all(c["ffn"] != "ffn.no_op" or c["attention"] == "attn.no_op" for c in chosen)  # nor attention alone
@@ -145,6 +148,13 @@ def _scores(parent_dir, data_file, tmp_path):
     assert cli("puzzle", "library", parent_dir, "--out", lib, "--ffn-fractions", "0.5", "--samples", "8", *d).exit_code == 0
     assert cli("puzzle", "score", lib, "--out", scores, "--samples", "4", *d).exit_code == 0
     return lib, scores
+
+
+def test_unknown_gkd_dtype_is_refused_before_any_stage(parent_dir, data_file, tmp_path):
+    r = cli("search", parent_dir, "--out", tmp_path / "s", "--target-speedup", "1.1", "--gkd-dtype", "int4",
+            "--data", data_file, *SMALL)
+    assert_one_line_error(r, "unknown dtype 'int4'")
+    assert not (tmp_path / "s").exists()
 
 
 def test_target_faster_than_the_all_no_op_model_is_refused(parent_dir, data_file, tmp_path):

@@ -29,6 +29,9 @@ Device = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
 Dtype = Annotated[str, typer.Option("--dtype", help="weights dtype (default: fp32 on cpu, bf16 otherwise)")]
 ScenarioOpt = Annotated[str, typer.Option("--scenario", help="IN/OUT tokens, comma-separated for several")]
 CostBatch = Annotated[int, typer.Option("--batch", min=1, help="concurrent sequences the costs are for")]
+GkdDtype = Annotated[str, typer.Option("--gkd-dtype", help="global distillation's compute dtype: fp32 | bf16 | fp16 "
+                                       "(default: fp32 on cpu, bf16 on a GPU; bf16 is ~2x faster on a CPU with "
+                                       "AVX512-BF16)")]
 
 
 def _fractions(text: str | None) -> tuple[float, ...] | None:
@@ -236,6 +239,7 @@ def assemble_cmd(mip: Path = typer.Argument(..., help="a MIP directory (tessera 
                  out: Path = typer.Option(..., "--out", help="child checkpoint directory"),
                  gkd_tokens: int = typer.Option(131_072, "--gkd-tokens", min=0, help="global distillation tokens (0: none)"),
                  batch: int = typer.Option(8, "--batch", min=1), lr: float = typer.Option(1e-4, "--lr"),
+                 gkd_dtype: GkdDtype = None,
                  data: Path = typer.Option(None, "--data", help=DATA_HELP),
                  seq_len: int = typer.Option(256, "--seq-len", min=2),
                  report_samples: int = typer.Option(16, "--report-samples", min=1,
@@ -251,7 +255,7 @@ def assemble_cmd(mip: Path = typer.Argument(..., help="a MIP directory (tessera 
     _record, lib = load_mip(mip)
     m = _parent_for(lib, parent)
     cfg = SearchConfig(data=str(data) if data else None, seq_len=seq_len, gkd_tokens=gkd_tokens, gkd_batch=batch,
-                       gkd_lr=lr, report_samples=report_samples)
+                       gkd_lr=lr, gkd_dtype=gkd_dtype, report_samples=report_samples)
     full = stage_assemble(mip, m, cfg, out, force=force, fresh=force, progress=not as_json)
     _report(full, out, as_json)
 
@@ -282,6 +286,7 @@ def search_cmd(parent: str = typer.Argument(..., help="'default', a model direct
                dtype: Dtype = None, scenario: ScenarioOpt = "128/128", batch: CostBatch = 1,
                engine: str = typer.Option(None, "--engine", help="vllm | llamacpp: only variants it can serve"),
                gkd_tokens: int = typer.Option(131_072, "--gkd-tokens", min=0, help="global distillation tokens (0: none)"),
+               gkd_dtype: GkdDtype = None,
                bld_tokens: int = typer.Option(65_536, "--bld-tokens", min=0, help="BLD tokens per variant (0: none)"),
                ffn_fractions: str = typer.Option(None, "--ffn-fractions", help="FFN widths offered, as fractions"),
                calib_samples: int = typer.Option(64, "--calib-samples", min=1),
@@ -299,7 +304,7 @@ def search_cmd(parent: str = typer.Argument(..., help="'default', a model direct
     lcfg = _library_config(None, ffn_fractions, None, 64, False, False, engine)
     cfg = SearchConfig(constraints=constraints, target=target, costs=source, library=lcfg,
                        data=str(data) if data else None, seq_len=seq_len, calib_samples=calib_samples,
-                       bld_tokens=bld_tokens, score_samples=score_samples, gkd_tokens=gkd_tokens)
+                       bld_tokens=bld_tokens, score_samples=score_samples, gkd_tokens=gkd_tokens, gkd_dtype=gkd_dtype)
     result = run_search(parent, cfg, out, force=force, progress=not as_json, log=None if as_json else _say)
     if result.reused and not as_json:
         _say(f"reused complete stages: {', '.join(result.reused)}")

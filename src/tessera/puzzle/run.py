@@ -64,6 +64,7 @@ class SearchConfig:
     gkd_tokens: int = 131_072  # 0: no global distillation
     gkd_batch: int = 8
     gkd_lr: float = 1e-4
+    gkd_dtype: str | None = None  # GKD autocast: fp32 | bf16 | fp16 (None: the device's default, fp32 on a CPU)
     report_samples: int = 16  # reporting chunks for the final KLD
     measure_reps: int = 3
     num_solutions: int = 1
@@ -79,6 +80,10 @@ class SearchConfig:
                 raise TesseraError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2 or self.bld_tokens < 0 or self.gkd_tokens < 0:
             raise TesseraError("seq_len must be >= 2 and the BLD / GKD token budgets >= 0")
+        if self.gkd_dtype is not None:
+            from tessera.devices import format_name
+
+            object.__setattr__(self, "gkd_dtype", format_name(self.gkd_dtype, ("fp32", "bf16", "fp16")))
 
     def settings(self, stage: str) -> dict[str, Any]:
         """The settings a stage's output depends on (a complete stage with other settings is not reused)."""
@@ -95,8 +100,9 @@ class SearchConfig:
                     "costs": self.costs, "measure_reps": self.measure_reps, "num_solutions": self.num_solutions,
                     "engine": self.library.engine}
         if stage == "assemble":
+            dtype = {"gkd_dtype": self.gkd_dtype} if self.gkd_dtype else {}  # absent: as recorded before it existed
             return {**common, "gkd_tokens": self.gkd_tokens, "gkd_batch": self.gkd_batch, "gkd_lr": self.gkd_lr,
-                    "report_samples": self.report_samples, "seed": self.seed}
+                    **dtype, "report_samples": self.report_samples, "seed": self.seed}
         raise ValueError(stage)
 
 
@@ -305,6 +311,7 @@ def stage_assemble(mip_dir: str | Path, parent, cfg: SearchConfig, out: str | Pa
     `out.ckpt` when a killed run left one, unless `fresh`), report its KLD to the parent on the reporting split,
     save it with search.json and stage.json (atomic)."""
     from tessera.data import check_disjoint
+    from tessera.devices import default_dtype
     from tessera.evaluate import mean_kld, parent_logits_for
     from tessera.io import refuse_overwrite
     from tessera.puzzle.assemble import assemble, choice_from_record, gkd_config, heal, save_child
@@ -338,8 +345,10 @@ def stage_assemble(mip_dir: str | Path, parent, cfg: SearchConfig, out: str | Pa
             shutil.rmtree(ckpt)
         resume = (ckpt / "last" / "state.json").is_file()
         t1 = time.perf_counter()
-        child, log = heal(parent, child, train, gcfg, heldout=held, ckpt_dir=ckpt, resume=resume, progress=progress)
+        child, log = heal(parent, child, train, gcfg, heldout=held, ckpt_dir=ckpt, resume=resume, progress=progress,
+                          compute_dtype=cfg.gkd_dtype)
         gkd = {"tokens": gcfg.steps * gcfg.tokens_per_step, "steps": gcfg.steps, "loss": gcfg.loss, "lr": gcfg.lr,
+               "dtype": cfg.gkd_dtype or default_dtype(parent.device),
                "batch": gcfg.batch, "seq_len": gcfg.seq_len, "final_loss": log[-1]["loss"] if log else None,
                "resumed": resume, "seconds": round(time.perf_counter() - t1, 1), "data": train.record()}
         report["kld"] = mean_kld(parent, child, reporting.chunks, parent_logits=ref).kld
