@@ -136,14 +136,16 @@ def calibrate(model: Transformer, scheme: Scheme | str, data: DataSplit | torch.
     while it is still materialised, and its statistics are handed over rather than kept (a streamed quantization
     quantizes and writes the layer there, so at most one layer's statistics, GPTQ Hessians included, exist)."""
     scheme = get_scheme(scheme)
-    ob, chunks = _observer_for(model, scheme, observer or scheme.observer, gptq, data, batch_size, on_layer)
+    ob, chunks, _targets = _observer_for(model, scheme, observer or scheme.observer, gptq, data, batch_size, on_layer)
     run_layers(model, chunks, batch_size=batch_size, observer=ob, progress=progress).close()
     return ob.stats
 
 
 def _observer_for(model: Transformer, scheme: Scheme, obs: str, gptq: bool, data: DataSplit | torch.Tensor,
-                  batch_size: int, on_layer: Callable | None = None) -> tuple[_CalibrationObserver, torch.Tensor]:
-    """The observer of `scheme`'s targets (what each one needs) and the calibration chunks, or one clear error."""
+                  batch_size: int, on_layer: Callable | None = None
+                  ) -> tuple[_CalibrationObserver, torch.Tensor, dict[str, torch.nn.Linear]]:
+    """The observer of `scheme`'s targets (what each one needs), the calibration chunks and the targets (name ->
+    module, `resolve_targets`), or one clear error."""
     targets = resolve_targets(model, scheme)
     a = scheme.input_activations
     static = a is not None and a.dynamic is not True
@@ -160,7 +162,7 @@ def _observer_for(model: Transformer, scheme: Scheme, obs: str, gptq: bool, data
     from tessera.stream.executor import batch_slices
 
     return _CalibrationObserver(needs, kv, model.arch.head_dim, want_gptq, on_layer,
-                                len(batch_slices(len(chunks), batch_size))), chunks
+                                len(batch_slices(len(chunks), batch_size))), chunks, targets
 
 
 def quantize_sequentially(model: Transformer, scheme: Scheme | str, data: DataSplit | torch.Tensor, *,
@@ -176,8 +178,7 @@ def quantize_sequentially(model: Transformer, scheme: Scheme | str, data: DataSp
     from tessera.stream.executor import batch_slices, rope_for
 
     scheme = get_scheme(scheme)
-    ob, chunks = _observer_for(model, scheme, observer, True, data, cfg.batch_size)
-    targets = resolve_targets(model, scheme)
+    ob, chunks, targets = _observer_for(model, scheme, observer, True, data, cfg.batch_size)
     n, seq_len = chunks.shape
     dtype = model.model.embed_tokens.weight.dtype
     slices = batch_slices(n, cfg.batch_size)
