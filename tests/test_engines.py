@@ -32,14 +32,16 @@ def test_hidden_not_a_multiple_of_heads_is_refused_by_vllm_and_transformers_only
         assert problem.layer is None and problem.part == "model" and "use a hidden size of 28" in problem.reason
     assert incompatibilities(arch, "llamacpp") == []  # llama.cpp reads head_dim from attention.key_length
     assert incompatibilities(tiny_arch(hidden=28, heads=4), "vllm") == []
-    assert round_hidden(30, 4, "vllm") == 28 and round_hidden(30, 4, "llamacpp") == 30 and round_hidden(28, 4, "vllm") == 28
+    assert round_hidden(30, 4, "vllm") == 28 and round_hidden(28, 4, "vllm") == 28
+    assert round_hidden(30, 4, None) == 30 and round_hidden(600, 9, "llamacpp") == 576  # q8_0 rows: multiples of 32
 
 
-def test_round_ffn_width_for_vllm():
+def test_round_ffn_width_for_each_engine():
     assert round_ffn_width(1100, 576, "vllm") == 1024
     assert ffn_width_expressible(1024, 576) and not ffn_width_expressible(1100, 576)
     assert round_ffn_width(100, 576, "vllm") == 256
-    assert round_ffn_width(1100, 576, "llamacpp") == 1100
+    assert round_ffn_width(1100, 576, "llamacpp") == 1088  # a multiple of 32: q8_0 quantizes the down projection
+    assert round_ffn_width(20, 576, "llamacpp") == 20 and round_ffn_width(1100, 576, "transformers") == 1100
 
 
 # ---------------------------------------------------------------------------- the DeciLM config shim
@@ -174,6 +176,26 @@ def test_prune_engine_vllm_rounds_hidden_to_a_multiple_of_the_heads():
     assert incompatibilities(child.arch, "vllm") == [] and incompatibilities(child.arch, "transformers") == []
     assert prune(parent, imp, PruneTarget(hidden=30, ffn=48), engine="llamacpp").arch.hidden_size == 30
     assert fit_engine(PruneTarget(hidden=30, heads=3), parent.arch, "vllm").hidden == 30  # 3 heads divide 30
+
+
+def test_prune_engine_llamacpp_rounds_to_multiples_of_32_so_q8_0_quantizes_every_matrix(tmp_path):
+    from helpers import random_model
+    from tessera.formats.gguf_export import export_gguf
+    from tessera.importance import magnitude_importance
+    from tessera.prune import PruneTarget, prune
+    from test_gguf_export import VOCAB, bpe_tokenizer
+
+    parent = random_model(tiny_arch(layers=2, hidden=96, heads=4, ffn=128, vocab=VOCAB))
+    parent.tokenizer = bpe_tokenizer()
+    imp = magnitude_importance(parent)
+    for target in (PruneTarget(hidden=80, ffn=100), PruneTarget(ffn=(100, 70))):  # plain Llama; heterogeneous
+        asked, child = prune(parent, imp, target), prune(parent, imp, target, engine="llamacpp")
+        asked.tokenizer = child.tokenizer = parent.tokenizer
+        sizes = [child.arch.hidden_size] + [b.ffn.intermediate_size for b in child.arch.blocks]
+        assert all(n % 32 == 0 for n in sizes) and sizes != [asked.arch.hidden_size] + [
+            b.ffn.intermediate_size for b in asked.arch.blocks]
+        assert export_gguf(child, tmp_path / "c.gguf", "q8_0", pre_tokenizer="gpt-2").f16_fallbacks == ()
+        assert export_gguf(asked, tmp_path / "a.gguf", "q8_0", pre_tokenizer="gpt-2").f16_fallbacks  # as asked: f16
 
 
 def test_prune_engine_refuses_a_child_the_engine_cannot_serve():

@@ -289,10 +289,11 @@ def _layer_tensors(model: Transformer, i: int) -> dict[str, torch.Tensor]:
 
 
 def fit_engine(target: PruneTarget, arch: ArchSpec, engine: str | None) -> PruneTarget:
-    """`target` rounded to what `engine` serves exactly. A child that stays a plain Llama keeps any MLP width (vLLM
-    reads `intermediate_size`), but vLLM and transformers need its hidden size to be a multiple of the attention
-    heads (`round_hidden`, rounded down). A heterogeneous child keeps any hidden size but its MLP widths are rounded
-    down to ones vLLM's `ffn_mult` rule expresses (`round_ffn_width`)."""
+    """`target` rounded to what `engine` serves exactly, or best. A child that stays a plain Llama keeps any MLP
+    width (vLLM reads `intermediate_size`), but vLLM and transformers need its hidden size to be a multiple of the
+    attention heads (`round_hidden`, rounded down). A heterogeneous child keeps any hidden size but its MLP widths
+    are rounded down to ones vLLM's `ffn_mult` rule expresses (`round_ffn_width`). For llama.cpp, plain or not, the
+    hidden size and MLP widths are rounded down to multiples of 32, so a q8_0 GGUF quantizes every matrix."""
     from tessera.formats.engines import check_engine, round_ffn_width, round_hidden
 
     if engine is None:
@@ -303,12 +304,11 @@ def fit_engine(target: PruneTarget, arch: ArchSpec, engine: str | None) -> Prune
     uniform_rest = (all(b.attention.kind == "gqa" and b.ffn.kind == "swiglu" for b in blocks)
                     and (target.kv_heads is not None or len({b.attention for b in blocks}) == 1))
     uniform_ffn = len(set(widths)) == 1 if widths else len({b.ffn for b in blocks}) == 1
-    if uniform_ffn and uniform_rest:  # the child stays a plain Llama
-        if target.hidden is not None:
-            hidden = round_hidden(target.hidden, target.heads or arch.num_attention_heads, engine)
-            target = replace(target, hidden=hidden)
-        return target
-    if target.ffn is None:
+    plain = uniform_ffn and uniform_rest  # the child stays a plain Llama
+    if target.hidden is not None and (plain or engine == "llamacpp"):
+        hidden = round_hidden(target.hidden, target.heads or arch.num_attention_heads, engine)
+        target = replace(target, hidden=hidden)
+    if target.ffn is None or (plain and engine != "llamacpp"):
         return target
     hidden = target.hidden or arch.hidden_size
     rounded = tuple(round_ffn_width(w, hidden, engine) for w in widths)

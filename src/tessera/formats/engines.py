@@ -24,6 +24,7 @@ from tessera.errors import TesseraError
 from tessera.formats.hf_config import NAS_FFN_MULTIPLE, ffn_mult_for, nas_ffn_width
 
 ENGINES = ("vllm", "llamacpp", "transformers")
+GGUF_BLOCK = 32  # llama.cpp's q8_0 block: a matrix whose rows are not a multiple of it is written f16 (slower)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,11 @@ def ffn_width_expressible(width: int, hidden_size: int) -> bool:
 
 def round_ffn_width(width: int, hidden_size: int, engine: str | None) -> int:
     """The nearest width not above `width` that `engine` serves exactly (vLLM: a multiple of 256 it can express;
-    at least one multiple). Other engines take any width."""
+    at least one multiple), or serves best (llama.cpp: a multiple of `GGUF_BLOCK` when there is one below, so a q8_0
+    GGUF quantizes the down projection, whose rows are this width, instead of writing it f16). Other engines take
+    any width."""
+    if engine == "llamacpp":
+        return width if width < GGUF_BLOCK else width // GGUF_BLOCK * GGUF_BLOCK
     if engine != "vllm":
         return width
     w = max(NAS_FFN_MULTIPLE, width // NAS_FFN_MULTIPLE * NAS_FFN_MULTIPLE)
@@ -102,7 +107,10 @@ def model_reason(engine: str, arch: ArchSpec) -> str | None:
 
 def round_hidden(hidden: int, heads: int, engine: str | None) -> int:
     """The largest hidden size not above `hidden` that `engine` loads as a plain Llama config with `heads` attention
-    heads (vLLM, transformers: a multiple of the heads). Other engines take any size."""
+    heads (vLLM, transformers: a multiple of the heads), or serves best (llama.cpp: a multiple of `GGUF_BLOCK` when
+    there is one below, the rows of every projection reading the residual stream). Other engines take any size."""
+    if engine == "llamacpp":
+        return hidden if hidden < GGUF_BLOCK else hidden // GGUF_BLOCK * GGUF_BLOCK
     if engine not in ("vllm", "transformers") or hidden % heads == 0:
         return hidden
     return max(heads, hidden // heads * heads)
