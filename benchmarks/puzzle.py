@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -61,8 +62,11 @@ def timed(name: str, fn):
 
 
 def search_stages(parent, cfg: SearchConfig, out: Path):
-    """Library, BLD, scores and measured costs, each reused when a complete one is under `out`."""
+    """Library, BLD, scores and measured costs, each reused when a complete one is under `out`. With
+    `cfg.score_tasks`, a second score table on the answers of those task items (`tessera.evaluate.tasks.
+    answer_split`) in `out/scores_answers`, and the MIP's quality term is the sum of the two KLs per candidate."""
     lib_dir, score_dir, cost_file = out / "library", out / "scores", out / "costs.json"
+    text_cfg = replace(cfg, score_tasks=())
     if (lib_dir / STAGE_FILE).is_file():
         library = load_library(lib_dir, parent)
     else:
@@ -70,8 +74,15 @@ def search_stages(parent, cfg: SearchConfig, out: Path):
     if bld_state(library) != "complete":
         timed("bld", lambda: stage_bld(library, parent, cfg, progress=False))
     if not (score_dir / STAGE_FILE).is_file():
-        timed("score", lambda: stage_score(library, parent, cfg, score_dir, progress=False))
+        timed("score", lambda: stage_score(library, parent, text_cfg, score_dir, progress=False))
     table, library = load_scores_stage(score_dir)
+    if cfg.score_tasks:  # the answers of held-out task items, scored beside the text (scores_answers/)
+        ans_dir = out / "scores_answers"
+        if not (ans_dir / STAGE_FILE).is_file():
+            timed("score (answers)", lambda: stage_score(library, parent, cfg, ans_dir, progress=False))
+        answers, _ = load_scores_stage(ans_dir)
+        table = replace(table, kl={k: v + answers.kl[k] for k, v in table.kl.items()}, data={
+            "text": table.data, "answers": answers.data})
     if cost_file.is_file():
         costs = CostTable.from_json(cost_file.read_text())
     else:
@@ -227,6 +238,10 @@ def main() -> None:
                     help="text of the search (library statistics, BLD, scores): the shared corpus (books), or "
                          "mix: its calibration split interleaved with question-answer text of bench tasks this "
                          "benchmark does not report (" + ", ".join(MIX_TASKS) + "); GKD: see --gkd-data")
+    ap.add_argument("--score-tasks", nargs="*", default=[], metavar="TASK:START-STOP",
+                    help="also score every variant on the gold answers of these held-out task items (e.g. "
+                         "arc_easy:1000-1060 lambada:1000-1024; never the reported items 0..--limit-1) and give "
+                         "the MIP the sum of both KLs")
     ap.add_argument("--gkd-data", choices=("corpus", "mix"), default="corpus",
                     help="text of the global distillation of every child and of the baselines' importance: the "
                          "shared corpus's calibration split, or the mix of --search-data mix (the KLD is always "
@@ -250,6 +265,7 @@ def main() -> None:
                          "(run it alone on the machine, e.g. under flock); all: both")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    check_score_tasks(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -257,6 +273,23 @@ def main() -> None:
         build(args)
     if args.phase in ("measure", "all"):
         measure(args)
+
+
+def check_score_tasks(args) -> None:
+    """--score-tasks must name items none of the reported tasks' first --limit items (those are the accuracy)."""
+    from tessera.errors import TesseraError
+    from tessera.evaluate.tasks import parse_item_spans
+
+    if not args.score_tasks:
+        return
+    try:
+        spans = parse_item_spans(args.score_tasks)
+    except TesseraError as e:
+        raise SystemExit(f"--score-tasks: {e}") from None
+    overlap = [f"{t}:{a}-{b}" for t, (a, b) in spans.items() if t in TASKS and a < args.limit]
+    if overlap:
+        raise SystemExit(f"--score-tasks {' '.join(overlap)}: overlaps the reported items 0-{args.limit - 1}; start "
+                         f"at item {args.limit} or later")
 
 
 def _results(args) -> dict:
@@ -290,7 +323,7 @@ def build(args) -> None:
     data = str(search_mix(args.out)) if args.search_data == "mix" else None
     cfg = SearchConfig(target=Target("cpu", "fp32", (args.scenario,), 1), costs="measured", data=data,
                        seq_len=args.seq_len, calib_samples=args.calib_samples, bld_tokens=args.bld_tokens,
-                       score_samples=args.score_samples, measure_reps=args.reps)
+                       score_samples=args.score_samples, score_tasks=tuple(args.score_tasks), measure_reps=args.reps)
     library, scores, costs = search_stages(parent, cfg, args.out)
     print(f"library: {sum(len(lv.attention) for lv in library.layers)} attention and "
           f"{sum(len(lv.ffn) for lv in library.layers)} FFN variants over {library.arch.num_layers} layers; "
@@ -303,8 +336,11 @@ def build(args) -> None:
                       max_tokens=4 * args.seq_len).take(4)
     report = load_split(parent.tokenizer, "reporting", seq_len=args.seq_len,
                         max_tokens=args.report_samples * args.seq_len).take(args.report_samples)
-    records = {"calibration": calibration.record(), "selection (scores)": scores.data, "reporting": report.record()}
+    sel = scores.data if not args.score_tasks else scores.data["text"]
+    records = {"calibration": calibration.record(), "selection (scores)": sel, "reporting": report.record()}
     check_disjoint(records)
+    if args.score_tasks:
+        records["answers (scores)"] = scores.data["answers"]
     results["data"] = records
     ref = parent_logits_for(parent, report.chunks)
     imp = timed("importance (Minitron / ShortGPT)",

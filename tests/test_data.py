@@ -127,3 +127,28 @@ def test_items_text_is_the_gold_answer_of_each_item():
                                             "He opened the door"]
     with pytest.raises(TesseraError, match="no single gold text"):
         items_text([Item(("q",), (" a", " b"), (0, 1), kind="mc2")])
+
+
+def test_answer_split_packs_items_and_marks_the_positions_predicting_their_answers(tmp_path):
+    from tessera.evaluate.tasks import answer_split, parse_item_spans
+    from test_gguf_export import bpe_tokenizer
+
+    tok = bpe_tokenizer()
+    rows = [{"context": f"the cat sat {'on the mat ' * (k % 3)}and", "choices": [" the dog", " the cat ran"],
+             "gold": k % 2} for k in range(12)]
+    rows.append({"context": "the mat " * 40, "choices": [" a", " b"], "gold": 0})  # longer than a row
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    split = answer_split(tok, parse_item_spans(f"{task}:2-13"), 32, data_dir=tmp_path)
+    assert split.chunks.shape[1] == 32 and split.mask.shape == split.chunks.shape and len(split) > 1
+    assert "1 items longer than a row left out" in split.source
+    # the marked positions predict exactly the gold answers' tokens, item after item
+    want = [t for r in rows[2:12] for t in tok(r["context"] + r["choices"][r["gold"]], add_special_tokens=False)[
+        "input_ids"][len(tok(r["context"], add_special_tokens=False)["input_ids"]):]]
+    assert split.chunks.roll(-1, 1)[split.mask].tolist() == want
+    assert not split.mask[:, -1].any() and split.record()["positions"] == len(want)
+    fewer = answer_split(tok, parse_item_spans(f"{task}:2-11"), 32, data_dir=tmp_path)
+    assert split.record()["sha256"] != fewer.record()["sha256"]
+    for bad in ("arc_easy:5", "arc_easy:9-3", "nope:0-4", ""):
+        with pytest.raises(TesseraError):
+            parse_item_spans(bad)

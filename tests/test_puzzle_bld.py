@@ -300,3 +300,38 @@ def test_bld_of_a_heterogeneous_parent(tmp_path):
     assert (3, "ffn.linear") in trained and (4, "attn.gqa-kv1") in trained
     for k in trained:
         assert after[k] < before[k], (k, before[k], after[k])
+
+
+def test_masked_scores_count_only_the_marked_positions(teacher, lib, tmp_path):
+    """A DataSplit mask (e.g. the answers of task items) restricts the KL and LM loss to the marked positions."""
+    from tessera.evaluate.kld import kl_per_token
+
+    _, held = data()
+    mask = torch.zeros_like(held, dtype=torch.bool)
+    mask[:, 3:9] = True
+    mask[::2, 12] = True
+    split = DataSplit("answers", held, "items", "abc", 16, mask=mask)
+    table = score_library(lib, teacher, split, tmp_path / "m", batch_size=3, max_branches=5, progress=False)
+    full = score_library(lib, teacher, held, tmp_path / "f", batch_size=3, progress=False)
+    with torch.no_grad():
+        ref = teacher(held)
+        for layer, key in ((1, "attn.no_op"), (2, "ffn.linear"), (0, "attn.gqa-kv1")):
+            v = Variant.from_key(key)
+            child = swapped_parent(teacher, layer, v, variant_state(lib, teacher, layer, v))
+            kl = kl_per_token(ref, child(held))
+            assert table.kl[(layer, key)] == pytest.approx(kl[mask].mean().item(), rel=1e-4)
+            assert table.kl[(layer, key)] != pytest.approx(full.kl[(layer, key)], rel=1e-3)
+        nll = -torch.log_softmax(ref.float(), -1).gather(-1, held.roll(-1, 1)[..., None])[..., 0]
+    assert table.parent_lm_loss == pytest.approx(nll[mask].mean().item(), rel=1e-5)
+    assert table.tokens == int(mask.sum()) and table.data["positions"] == int(mask.sum())
+    # every position that predicts a token: the unmasked LM losses (the unmasked KL also counts the last position)
+    every = torch.ones_like(mask)
+    every[:, -1] = False
+    same = score_library(lib, teacher, DataSplit("answers", held, "items", "abc", 16, mask=every), tmp_path / "a",
+                         batch_size=3, progress=False)
+    assert same.lm_loss == pytest.approx(full.lm_loss, rel=1e-5) and same.parent_lm_loss == pytest.approx(
+        full.parent_lm_loss, rel=1e-6)
+    # a mask on a chunk's last position (it predicts no token) is refused
+    with pytest.raises(TesseraError, match="never a chunk's last one"):
+        score_library(lib, teacher, DataSplit("answers", held, "items", "abc", 16, mask=~every), tmp_path / "b",
+                      progress=False)

@@ -170,13 +170,16 @@ def sha256_ids(ids: torch.Tensor) -> str:
 
 @dataclass(frozen=True)
 class DataSplit:
-    """Token chunks (N, seq_len) of one split of one source, and where they came from."""
+    """Token chunks (N, seq_len) of one split of one source, and where they came from. `mask` (N, seq_len, bool),
+    when given, marks the positions whose next-token prediction counts (e.g. those predicting the answer tokens of
+    task items, `tessera.evaluate.tasks.answer_split`); None: every position."""
 
-    name: str  # calibration | selection | reporting | all
+    name: str  # calibration | selection | reporting | all | answers
     chunks: torch.Tensor
     source: str  # file path, or a description for in-memory data
     source_sha256: str  # hash of the source text
     seq_len: int
+    mask: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -187,13 +190,17 @@ class DataSplit:
 
     def take(self, n: int) -> DataSplit:
         """The first `n` chunks (the record says how many were used)."""
-        return replace(self, chunks=self.chunks[:n])
+        return replace(self, chunks=self.chunks[:n], mask=None if self.mask is None else self.mask[:n])
 
     def record(self) -> dict:
-        """What an output says about the data it used: which split, how many tokens, their hash."""
-        return {"split": self.name, "source": self.source, "source_sha256": self.source_sha256,
-                "chunks": len(self.chunks), "seq_len": self.seq_len, "tokens": self.tokens,
-                "sha256": sha256_ids(self.chunks)}
+        """What an output says about the data it used: which split, how many tokens, their hash (of the tokens and,
+        with a mask, of the positions that count too, and how many those are)."""
+        rec = {"split": self.name, "source": self.source, "source_sha256": self.source_sha256,
+               "chunks": len(self.chunks), "seq_len": self.seq_len, "tokens": self.tokens}
+        if self.mask is None:
+            return {**rec, "sha256": sha256_ids(self.chunks)}
+        return {**rec, "positions": int(self.mask.sum()),
+                "sha256": sha256_ids(torch.cat([self.chunks, self.mask.long()], dim=1))}
 
 
 def chunk(ids: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -31,6 +31,22 @@ class Score:
     n_tokens: int
 
 
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's encode_pair: trailing context spaces move to the continuation; split the joint encoding into
+    (context tokens, continuation tokens)."""
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    n_spaces = len(context) - len(context.rstrip(" "))
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    ctx = encode(context) if context else []
+    whole = encode(context + continuation)
+    if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
+        return ctx, whole[len(ctx):]
+    return ctx, encode(continuation)
+
+
 class Scorer:
     def __init__(self, model: Transformer, batch_size: int = 16):
         if model.tokenizer is None:
@@ -70,15 +86,7 @@ class Scorer:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def split(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """lm-eval's encode_pair: trailing context spaces move to the continuation; split the joint encoding."""
-        n_spaces = len(context) - len(context.rstrip(" "))
-        if n_spaces:
-            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-        ctx = self.encode(context) if context else []
-        whole = self.encode(context + continuation)
-        if whole[: len(ctx)] == ctx and len(whole) > len(ctx):
-            return ctx, whole[len(ctx):]
-        return ctx, self.encode(continuation)
+        return encode_pair(self.tok, context, continuation)
 
     def _prefix(self, ctx: list[int]) -> list[int]:
         # An empty context is conditioned on the end-of-text token, as lm-eval does.

@@ -298,3 +298,81 @@ def items_text(items: list[Item]) -> list[str]:
                                "completion task")
         out.append(item.contexts[item.gold if len(item.contexts) > 1 else 0] + item.continuations[item.gold])
     return out
+
+
+def parse_item_spans(specs) -> dict[str, tuple[int, int]]:
+    """`["arc_easy:1000-1100", "lambada:1000-1100"]` (or one comma-separated string) -> {task: (start, stop)}, items
+    start .. stop-1 of each task, or one line naming the bad spec."""
+    if isinstance(specs, str):
+        specs = [x for x in specs.split(",") if x.strip()]
+    spans = {}
+    for spec in specs:
+        name, _, rng = str(spec).strip().partition(":")
+        start, _, stop = rng.partition("-")
+        try:
+            a, b = int(start), int(stop)
+        except ValueError:
+            a = b = -1
+        if not name or a < 0 or b <= a:
+            raise TesseraError(f"task items {spec!r}: write TASK:START-STOP, e.g. arc_easy:1000-1100 (items 1000..1099)")
+        get_task(name)
+        if name in spans:
+            raise TesseraError(f"task {name!r} is given twice; give one item range per task")
+        spans[name] = (a, b)
+    if not spans:
+        raise TesseraError("no task items given; write TASK:START-STOP, e.g. arc_easy:1000-1100")
+    return spans
+
+
+def answer_split(tokenizer, spans: dict[str, tuple[int, int]], seq_len: int, data_dir: str | Path | None = None
+                 ) -> data.DataSplit:
+    """The gold (context, answer) pairs of items start..stop-1 of each task, tokenized as the harness scores them
+    (lm-eval's encode_pair), packed into rows of `seq_len` tokens ("\n\n" between items, an item never split
+    across rows, the last row padded), with a mask of the positions that predict answer tokens: text for measuring
+    closeness to the parent where the tasks decide (e.g. replace-1-block scores on the answers of held-out items).
+    Items after the first in a row are read after the earlier ones, like an unrelated few-shot prompt; items longer
+    than a row are left out. Multiple-choice and completion tasks only."""
+    import hashlib
+
+    import torch
+
+    from tessera.evaluate.scoring import encode_pair
+
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    pad = getattr(tokenizer, "eos_token_id", None) or 0
+    rows, masks, row, mask = [], [], [], []
+    digest, skipped = hashlib.sha256(), 0
+    for name, (start, stop) in spans.items():
+        items = load_items(get_task(name), data_dir, limit=stop)[start:]
+        if len(items) < stop - start:
+            raise TesseraError(f"{name} has {start + len(items)} items; items {start}-{stop} reach past its end")
+        for text, item in zip(items_text(items), items, strict=True):
+            gold = item.gold
+            ctx, ans = encode_pair(tokenizer, item.contexts[gold if len(item.contexts) > 1 else 0],
+                                   item.continuations[gold])
+            digest.update(text.encode())
+            toks = ctx + ans
+            if not ctx or len(toks) > seq_len:
+                skipped += 1
+                continue
+            if len(row) + len(toks) > seq_len:
+                rows.append(row + [pad] * (seq_len - len(row)))
+                masks.append(mask + [False] * (seq_len - len(mask)))
+                row, mask = [], []
+            first = len(row) + len(ctx) - 1  # the position predicting the answer's first token
+            row += toks
+            mask += [False] * len(toks)
+            mask[first:first + len(ans)] = [True] * len(ans)
+            room = min(len(sep), seq_len - len(row))
+            row += sep[:room]
+            mask += [False] * room
+    if row:
+        rows.append(row + [pad] * (seq_len - len(row)))
+        masks.append(mask + [False] * (seq_len - len(mask)))
+    if not rows:
+        raise TesseraError(f"every item is longer than {seq_len} tokens; use a longer --seq-len")
+    source = "answers of " + ", ".join(f"{n}[{a}:{b}]" for n, (a, b) in spans.items())
+    if skipped:
+        source += f" ({skipped} items longer than a row left out)"
+    return data.DataSplit("answers", torch.tensor(rows), source, digest.hexdigest()[:16], seq_len,
+                          mask=torch.tensor(masks))

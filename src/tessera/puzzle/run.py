@@ -61,6 +61,7 @@ class SearchConfig:
     bld_batch: int = 8
     bld_lr: float = 1e-4
     score_samples: int = 16  # selection chunks for the replace-1-block scores
+    score_tasks: tuple[str, ...] = ()  # "TASK:START-STOP": score on the answers of these items instead (answer_split)
     gkd_tokens: int = 131_072  # 0: no global distillation
     gkd_batch: int = 8
     gkd_lr: float = 1e-4
@@ -72,6 +73,11 @@ class SearchConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "constraints", tuple(self.constraints))
+        object.__setattr__(self, "score_tasks", tuple(self.score_tasks))
+        if self.score_tasks:
+            from tessera.evaluate.tasks import parse_item_spans
+
+            parse_item_spans(self.score_tasks)
         if self.costs not in ("measured", "predicted"):
             raise TesseraError(f"costs {self.costs!r}: use measured (this machine) or predicted (a GPU profile)")
         for name in ("calib_samples", "score_samples", "report_samples", "bld_batch", "gkd_batch", "measure_reps",
@@ -94,6 +100,8 @@ class SearchConfig:
             return {**common, "bld_tokens": self.bld_tokens, "bld_batch": self.bld_batch, "bld_lr": self.bld_lr,
                     "seed": self.seed}
         if stage == "score":
+            if self.score_tasks:  # absent otherwise: as recorded before it existed
+                return {**common, "score_tasks": list(self.score_tasks)}
             return {**common, "score_samples": self.score_samples}
         if stage == "mip":
             return {"constraints": [asdict(c) for c in self.constraints], "target": self.target.as_dict(),
@@ -219,7 +227,8 @@ def stage_bld(library: Library, parent, cfg: SearchConfig, *, force: bool = Fals
 
 def stage_score(library: Library, parent, cfg: SearchConfig, out: str | Path, *, force: bool = False,
                 progress: bool = True, split: str = "selection"):
-    """Stage 3: replace-1-block scores of every variant on the selection split (resumable cache + stage.json)."""
+    """Stage 3: replace-1-block scores of every variant on the selection split, or on the answers of the items
+    `cfg.score_tasks` names (resumable cache + stage.json)."""
     from tessera.puzzle.scoring import score_library
 
     out = Path(out).expanduser()
@@ -234,7 +243,12 @@ def stage_score(library: Library, parent, cfg: SearchConfig, out: str | Path, *,
     elif out.exists() and not (out / "scores.json").is_file() and any(out.iterdir()):
         raise TesseraError(f"{out}: exists and is not a scores directory; choose another --out")
     t0 = time.perf_counter()
-    selection = _split(parent, cfg, split, chunks=cfg.score_samples)
+    if cfg.score_tasks:
+        from tessera.evaluate.tasks import answer_split, parse_item_spans
+
+        selection = answer_split(parent.tokenizer, parse_item_spans(cfg.score_tasks), cfg.seq_len)
+    else:
+        selection = _split(parent, cfg, split, chunks=cfg.score_samples)
     table = score_library(library, parent, selection, out, progress=progress, force=force)
     write_stage(out, "score", cfg.settings("score"), time.perf_counter() - t0, library=str(library.path),
                 parent_fingerprint=library.parent_fingerprint, bld=state, data=selection.record())

@@ -15,7 +15,10 @@ Public API (names are stable; the CLI and `tessera.puzzle.assemble` call them):
 A candidate is the parent with exactly one sub-block of one layer swapped for a trained variant (its BLD weights,
 `tessera.puzzle.bld.variant_state`; the untrained initialisation where BLD has not trained it). Its score is the
 mean per-token KL(parent || candidate) on held-out tokens (the selection split: never the calibration tokens the
-variants were fitted on), and its LM loss on the same tokens. The parent's own sub-block scores exactly 0.
+variants were fitted on), and its LM loss on the same tokens. The parent's own sub-block scores exactly 0. A
+`DataSplit` with a mask counts only the positions it marks: `tessera.evaluate.tasks.answer_split` marks those
+predicting the gold answers of held-out task items, where closeness to the parent decides the tasks (on a small
+parent, the KL over every position of book text does not rank children by task accuracy: docs/results.md).
 
 How: on `tessera.stream`'s executor, each candidate is a branch that leaves the parent's main stream at its layer
 (the parent's cached input to that layer), goes through the replaced layer and then the parent's later layers;
@@ -94,12 +97,16 @@ def _read(file: Path) -> dict:
                      what="a tessera scores file")
 
 
-def _data(data: DataSplit | torch.Tensor, library: Library) -> tuple[torch.Tensor, dict]:
+def _data(data: DataSplit | torch.Tensor, library: Library) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    mask = None
     if isinstance(data, DataSplit):
         if data.name == "calibration":
             raise TesseraError("replace-1-block scores are measured on held-out tokens; give the selection split, "
                                "not the calibration split the variants were fitted on")
-        chunks, record = data.chunks, data.record()
+        chunks, mask, record = data.chunks, data.mask, data.record()
+        if mask is not None and (mask.shape != chunks.shape or not mask[:, :-1].any() or mask[:, -1].any()):
+            raise TesseraError("a scoring mask must have the chunks' shape, mark at least one position and never a "
+                               "chunk's last one (it predicts no token)")
     else:
         chunks, record = data, {"split": "in-memory", "chunks": len(data), "seq_len": int(data.shape[1]),
                                 "tokens": int(data.numel()), "sha256": sha256_ids(data)}
@@ -122,7 +129,7 @@ def _data(data: DataSplit | torch.Tensor, library: Library) -> tuple[torch.Tenso
     for name, r in records.items():  # the scoring tokens against each training set (those two may share a split)
         if name != "scoring":
             check_disjoint({"scoring": records["scoring"], name: r})
-    return chunks, record
+    return chunks, mask, record
 
 
 def _branch_run(library: Library, parent: Transformer, layer: int, variant: Variant) -> Callable:
@@ -148,7 +155,7 @@ def score_library(library: Library, parent: Transformer, data: DataSplit | torch
     from tessera.stream import Branch, Budget, run_layers
 
     library.check_parent(parent)
-    chunks, record = _data(data, library)
+    chunks, mask, record = _data(data, library)
     out = Path(out).expanduser()
     file = out / SCORES_FILE
     entries: dict[tuple[int, str, str], dict] = {}
@@ -197,14 +204,15 @@ def score_library(library: Library, parent: Transformer, data: DataSplit | torch
                 sums = {br.name: [0.0, 0.0] for br in branches}
                 lm_sum, count, lm_count = 0.0, 0, 0
                 for b, s in enumerate(fwd.batches):
-                    logp = torch.log_softmax(fwd.logits(b).float(), dim=-1)  # once per batch, for every branch
+                    pos = None if mask is None else mask[s]  # the positions that count (None: all)
+                    logp = torch.log_softmax(fwd.logits(b, positions=pos).float(), dim=-1)  # once, for every branch
                     p = logp.exp()
-                    target = chunks[s, 1:].to(logp.device)
+                    target = (chunks[s, 1:] if pos is None else chunks[s].roll(-1, dims=1)[pos]).to(logp.device)
                     lm_sum += _lm_loss_sum(logp, target)
-                    count += logp.shape[0] * logp.shape[1]
+                    count += logp.shape[:-1].numel()
                     lm_count += target.numel()
                     for br in branches:
-                        logq = torch.log_softmax(fwd.logits(b, br.name).float(), dim=-1)
+                        logq = torch.log_softmax(fwd.logits(b, br.name, positions=pos).float(), dim=-1)
                         sums[br.name][0] += (p * (logp - logq)).sum(-1).double().sum().item()
                         sums[br.name][1] += _lm_loss_sum(logq, target)
                     del logp, p
@@ -223,7 +231,8 @@ def score_library(library: Library, parent: Transformer, data: DataSplit | torch
     finally:
         if bar is not None:
             bar.stop()
-    table = ScoreTable(parent_lm_loss=parent_lm, tokens=int(chunks.numel()), data=record,
+    tokens = int(chunks.numel() if mask is None else mask.sum())  # the positions that counted
+    table = ScoreTable(parent_lm_loss=parent_lm, tokens=tokens, data=record,
                        parent_fingerprint=library.parent_fingerprint, seconds=time.perf_counter() - t0)
     for (i, key), e in sorted(current.items()):
         table.kl[(i, key)] = e["kl"]
@@ -232,8 +241,10 @@ def score_library(library: Library, parent: Transformer, data: DataSplit | torch
 
 
 def _lm_loss_sum(logprobs: torch.Tensor, target: torch.Tensor) -> float:
-    """Summed next-token cross-entropy (nats) of log-probabilities (B, T, V) against target ids (B, T-1)."""
-    return -logprobs[:, :-1].gather(-1, target.unsqueeze(-1)).double().sum().item()
+    """Summed next-token cross-entropy (nats) of log-probabilities (B, T, V) against target ids (B, T-1), or of
+    (P, V) at masked positions against their P targets."""
+    lp = logprobs[:, :-1] if logprobs.ndim == 3 else logprobs
+    return -lp.gather(-1, target.unsqueeze(-1)).double().sum().item()
 
 
 def _write(file: Path, library: Library, record: dict, entries: dict, parent_lm: float, seconds: float) -> None:

@@ -91,10 +91,12 @@ class Forward:
     def hidden(self, b: int, branch: str | None = None) -> torch.Tensor:
         return (self.main if branch is None else self.branches[branch])[b]
 
-    def logits(self, b: int, branch: str | None = None) -> torch.Tensor:
-        """Logits of batch b, computed as `Transformer.forward` computes them."""
+    def logits(self, b: int, branch: str | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of batch b, computed as `Transformer.forward` computes them: (B, T, V), or (P, V) at the P
+        positions a bool mask `positions` (B, T) marks (the head runs only there)."""
         m = self.model
-        return m.lm_head(m.model.norm(self.hidden(b, branch)))
+        h = self.hidden(b, branch)
+        return m.lm_head(m.model.norm(h if positions is None else h[positions.to(h.device)]))
 
     def branch_batches(self, name: str) -> int:
         return len(self.branches[name])
