@@ -215,3 +215,21 @@ def test_overlapping_calibration_and_scoring_data_are_refused(parent_dir, data_f
             *SMALL)
     assert_one_line_error(r, "overlap")
     assert not (tmp_path / "s2").exists()
+
+
+def test_score_on_the_answers_of_task_items(parent_dir, data_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("TESSERA_BENCH_DIR", str(tmp_path))
+    task = tmp_path / "qa.jsonl"
+    task.write_text("".join(json.dumps({"context": f"w{k} w{k + 1} w{k + 2}", "choices": [" w7 w8", " w9"],
+                                        "gold": k % 2}) + "\n" for k in range(12)))
+    lib, scores = tmp_path / "lib", tmp_path / "scores"
+    d = ["--data", data_file, *SMALL]
+    assert cli("puzzle", "library", parent_dir, "--out", lib, "--ffn-fractions", "0.5", "--samples", "8", *d).exit_code == 0
+    r = cli("puzzle", "score", lib, "--out", scores, "--tasks", f"{task}:2-10", *d, "--json")
+    assert r.exit_code == 0, r.output
+    stage = json.loads((scores / STAGE_FILE).read_text())
+    assert stage["data"]["split"] == "answers" and stage["settings"]["score_tasks"] == [f"{task}:2-10"]
+    assert json.loads(r.output)["tokens"] == stage["data"]["positions"] == 4 * 2 + 4 * 1  # " w7 w8" x4, " w9" x4
+    assert_one_line_error(cli("puzzle", "score", lib, "--out", tmp_path / "s2", "--tasks", "qa:5", *d),
+                          "write TASK:START-STOP")
+    assert not (tmp_path / "s2").exists()

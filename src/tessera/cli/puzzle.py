@@ -15,6 +15,8 @@ from tessera.errors import TesseraError
 puzzle_app = typer.Typer(no_args_is_help=True, help="Puzzle NAS, one stage at a time (tessera search runs them all).")
 app.add_typer(puzzle_app, name="puzzle")
 
+TASKS_HELP = ("score on the gold answers of these held-out task items instead, e.g. arc_easy:1000-1060,lambada:1000-1024 "
+              "(TASK:START-STOP, comma-separated; keep them apart from the items you report accuracy on)")
 DATA_HELP = "text/JSONL dealt into calibration / selection / reporting splits (default: the shared corpus)"
 TARGET_HELP = ("one or more of --target-speedup, --max-memory-gb, --min-throughput; costs are measured on this "
                "machine unless --gpu names a cost-model profile")
@@ -164,6 +166,7 @@ def score_cmd(library: Path = typer.Argument(..., help="a library directory (aft
               split: str = typer.Option("selection", "--split",
                                         help="the split scored on (selection; it must not overlap calibration)"),
               seq_len: int = typer.Option(256, "--seq-len", min=2),
+              tasks: str = typer.Option(None, "--tasks", help=TASKS_HELP),
               parent: str = typer.Option(None, "--parent", help="the parent, if not at the library's recorded source"),
               heatmap: Path = typer.Option(None, "--heatmap", help="also plot layers x variants to this PNG"),
               force: bool = typer.Option(False, "--force"), as_json: bool = typer.Option(False, "--json")):
@@ -173,7 +176,8 @@ def score_cmd(library: Path = typer.Argument(..., help="a library directory (aft
 
     lib = load_library(library)
     m = _parent_for(lib, parent)
-    cfg = SearchConfig(data=str(data) if data else None, seq_len=seq_len, score_samples=samples)
+    cfg = SearchConfig(data=str(data) if data else None, seq_len=seq_len, score_samples=samples,
+                       score_tasks=_spans(tasks))
     table = stage_score(lib, m, cfg, out, force=force, progress=not as_json, split=split)
     if heatmap is not None:
         from tessera.plots import plot_score_heatmap
@@ -185,7 +189,12 @@ def score_cmd(library: Path = typer.Argument(..., help="a library directory (aft
                    "scores": [{"layer": i, "key": k, "kl": v} for (i, k), v in sorted(table.kl.items())]})
         return
     console.print(rich_score_table(table, lib))
-    _say(f"scored {len(table.kl)} candidates on {table.tokens:,} tokens of the {split} split; wrote {out}")
+    where = f"answer positions of {table.data['source']}" if tasks else f"tokens of the {split} split"
+    _say(f"scored {len(table.kl)} candidates on {table.tokens:,} {where}; wrote {out}")
+
+
+def _spans(tasks: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in tasks.split(",") if x.strip()) if tasks else ()
 
 
 def _targets(target_speedup, max_memory_gb, min_throughput, phase):
@@ -291,6 +300,7 @@ def search_cmd(parent: str = typer.Argument(..., help="'default', a model direct
                ffn_fractions: str = typer.Option(None, "--ffn-fractions", help="FFN widths offered, as fractions"),
                calib_samples: int = typer.Option(64, "--calib-samples", min=1),
                score_samples: int = typer.Option(16, "--score-samples", min=1),
+               score_tasks: str = typer.Option(None, "--score-tasks", help=TASKS_HELP),
                data: Path = typer.Option(None, "--data", help=DATA_HELP),
                seq_len: int = typer.Option(256, "--seq-len", min=2),
                force: bool = typer.Option(False, "--force", help="redo every stage"),
@@ -304,7 +314,8 @@ def search_cmd(parent: str = typer.Argument(..., help="'default', a model direct
     lcfg = _library_config(None, ffn_fractions, None, 64, False, False, engine)
     cfg = SearchConfig(constraints=constraints, target=target, costs=source, library=lcfg,
                        data=str(data) if data else None, seq_len=seq_len, calib_samples=calib_samples,
-                       bld_tokens=bld_tokens, score_samples=score_samples, gkd_tokens=gkd_tokens, gkd_dtype=gkd_dtype)
+                       bld_tokens=bld_tokens, score_samples=score_samples, score_tasks=_spans(score_tasks),
+                       gkd_tokens=gkd_tokens, gkd_dtype=gkd_dtype)
     result = run_search(parent, cfg, out, force=force, progress=not as_json, log=None if as_json else _say)
     if result.reused and not as_json:
         _say(f"reused complete stages: {', '.join(result.reused)}")
