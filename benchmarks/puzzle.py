@@ -10,6 +10,11 @@ same measured cost table:
 * ShortGPT: the layers with the lowest Block Importance dropped (`tessera.prune.shortgpt`), the most layers kept
   that meet S.
 
+With --score-tasks (e.g. `arc_easy:1000-1060 lambada:1000-1024`), every variant is also scored on the gold answers
+of those held-out task items (`tessera.evaluate.tasks.answer_split`: KL only at the positions predicting the
+answer tokens), and the MIP minimises the sum of the two replace-1-block KLs; items the accuracy is reported on
+(0 .. --limit-1 of the reported tasks) are refused.
+
 All children are healed by global distillation with the same token budget, lr and batch (Puzzle and Minitron:
 KL + cosine on every layer's output; ShortGPT, which has fewer layers: KL + cosine on the final hidden state),
 then measured: decode speed-up over the parent at batch 1 and 8 (`tessera.bench`), KLD to the parent on the
