@@ -17,10 +17,14 @@ its accuracy on `--tasks` (arc_easy acc_norm and lambada acc by default, `--limi
 2000-2149 (context + last word) and ARC-Challenge items 0-399 (question + gold answer), 16 x 256 tokens each, and
 the corpus's reporting split (16 x 256).
 
+--part answers: for the same children, the KL to the parent at the positions predicting the gold answers of
+held-out task items (`tessera.evaluate.tasks.answer_split`; --answer-items, none of them reported), per task.
+
 --part context: replace-1-block KL of some variants on the same selection text cut into 256- and 1024-token
 chunks (does attention removal cost more with more context?).
 
     .venv/bin/python benchmarks/puzzle_probe.py --out runs/puzzle_mix --part choice --speedup 1.5
+    .venv/bin/python benchmarks/puzzle_probe.py --out runs/puzzle_mix --part answers --choices shortgpt kl
     .venv/bin/python benchmarks/puzzle_probe.py --out runs/puzzle_mix --part context
     .venv/bin/python benchmarks/puzzle_probe.py --out runs/puzzle --part healed --children puzzle-1.5x shortgpt-1.5x
 """
@@ -117,6 +121,26 @@ def part_choice(args, parent, library, scores, costs) -> None:
               flush=True)
 
 
+@torch.inference_mode()
+def part_answers(args, parent, library, scores, costs) -> None:
+    from tessera.evaluate.kld import kl_per_token
+    from tessera.evaluate.tasks import answer_split, parse_item_spans
+
+    spans = parse_item_spans(args.answer_items)
+    data = {t: answer_split(parent.tokenizer, {t: span}, 256) for t, span in spans.items()}
+    ref = {t: [parent(d.chunks[s:s + 8]) for s in range(0, len(d), 8)] for t, d in data.items()}
+    print(f"\n{args.speedup:g}x, before GKD: KL to the parent on the answer tokens of "
+          + ", ".join(f"{d.source} ({int(d.mask.sum())} positions)" for d in data.values()) + "\n")
+    print("| choice | " + " | ".join(data) + " |\n|---|" + "---:|" * len(data))
+    for how in args.choices:
+        child = choose(how, parent, library, scores, costs, args.speedup)[0]
+        kl = []
+        for t, d in data.items():
+            per = torch.cat([kl_per_token(r, child(d.chunks[s:s + 8])) for r, s in zip(ref[t], range(0, len(d), 8))])
+            kl.append(per[d.mask].mean().item())
+        print(f"| {how} | " + " | ".join(f"{x:.3f}" for x in kl) + " |", flush=True)
+
+
 def part_healed(args, parent) -> None:
     from tessera.data import chunk, tokenize
     from tessera.evaluate import mean_kld
@@ -159,7 +183,9 @@ def part_context(args, parent, library, scores) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="a finished benchmarks/puzzle.py --out directory")
-    ap.add_argument("--part", choices=("choice", "healed", "context"), required=True)
+    ap.add_argument("--part", choices=("choice", "answers", "healed", "context"), required=True)
+    ap.add_argument("--answer-items", nargs="+", default=["lambada:1000-1300", "arc_easy:1000-1300",
+                                                          "winogrande:1000-1150"], help="--part answers")
     ap.add_argument("--children", nargs="+", default=["puzzle-1.5x", "shortgpt-1.5x"], help="--part healed")
     ap.add_argument("--speedup", type=float, default=1.5)
     ap.add_argument("--choices", nargs="+", choices=CHOICES, default=list(CHOICES))
@@ -178,6 +204,8 @@ def main() -> None:
     scores, library = load_scores_stage(args.out / "scores")
     if args.part == "choice":
         part_choice(args, parent, library, scores, CostTable.from_json((args.out / "costs.json").read_text()))
+    elif args.part == "answers":
+        part_answers(args, parent, library, scores, CostTable.from_json((args.out / "costs.json").read_text()))
     elif args.part == "healed":
         part_healed(args, parent)
     else:
