@@ -141,7 +141,7 @@ def test_answer_split_packs_items_and_marks_the_positions_predicting_their_answe
     task.write_text("".join(json.dumps(r) + "\n" for r in rows))
     split = answer_split(tok, parse_item_spans(f"{task}:2-13"), 32, data_dir=tmp_path)
     assert split.chunks.shape[1] == 32 and split.mask.shape == split.chunks.shape and len(split) > 1
-    assert "1 items longer than a row left out" in split.source
+    assert "(1 items left out: longer than a row" in split.source
     # the marked positions predict exactly the gold answers' tokens, item after item
     want = [t for r in rows[2:12] for t in tok(r["context"] + r["choices"][r["gold"]], add_special_tokens=False)[
         "input_ids"][len(tok(r["context"], add_special_tokens=False)["input_ids"]):]]

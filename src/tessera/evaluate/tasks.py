@@ -331,7 +331,8 @@ def answer_split(tokenizer, spans: dict[str, tuple[int, int]], seq_len: int, dat
     across rows, the last row padded), with a mask of the positions that predict answer tokens: text for measuring
     closeness to the parent where the tasks decide (e.g. replace-1-block scores on the answers of held-out items).
     Items after the first in a row are read after the earlier ones, like an unrelated few-shot prompt; items longer
-    than a row are left out. Multiple-choice and completion tasks only."""
+    than a row, or with an empty context, are left out (the source says how many). Multiple-choice and completion
+    tasks only."""
     import hashlib
 
     import torch
@@ -373,6 +374,6 @@ def answer_split(tokenizer, spans: dict[str, tuple[int, int]], seq_len: int, dat
         raise TesseraError(f"every item is longer than {seq_len} tokens; use a longer --seq-len")
     source = "answers of " + ", ".join(f"{n}[{a}:{b}]" for n, (a, b) in spans.items())
     if skipped:
-        source += f" ({skipped} items longer than a row left out)"
+        source += f" ({skipped} items left out: longer than a row, or without context)"
     return data.DataSplit("answers", torch.tensor(rows), source, digest.hexdigest()[:16], seq_len,
                           mask=torch.tensor(masks))
