@@ -11,7 +11,10 @@ its accuracy on `--tasks` (arc_easy acc_norm and lambada acc by default, `--limi
 * kl:          the MIP on the replace-1-block KL (what `benchmarks/puzzle.py` builds);
 * lm:          the MIP on the replace-1-block LM-loss increase instead;
 * llamacpp:    the MIP on the KL, pairs llama.cpp cannot serve left out (no linear FFN);
-* layers:      the MIP on the KL, each layer either the parent's or dropped whole (ShortGPT's space).
+* layers:      the MIP on the KL, each layer either the parent's or dropped whole (ShortGPT's space);
+* kl+answers:  the MIP on the KL plus the KL on task answers (OUT/scores_answers of a `--score-tasks` run: what
+               `benchmarks/puzzle.py --score-tasks` builds);
+* answers:     the MIP on the KL on task answers alone.
 
 --part healed: KLD to the parent of saved (healed) children on text no search or healing reads: LAMBADA items
 2000-2149 (context + last word) and ARC-Challenge items 0-399 (question + gold answer), 16 x 256 tokens each, and
@@ -48,10 +51,10 @@ from tessera.puzzle.library import parent_variants
 from tessera.puzzle.mip import Constraint, solve
 from tessera.puzzle.run import load_scores_stage
 
-CHOICES = ("shortgpt", "kl", "lm", "llamacpp", "layers")
+CHOICES = ("shortgpt", "kl", "lm", "llamacpp", "layers", "kl+answers", "answers")
 
 
-def choose(how: str, parent, library, scores, costs, speedup: float):
+def choose(how: str, parent, library, scores, costs, speedup: float, answers: dict | None = None):
     """(child, summed KL score, layers whose attention is removed, linear FFN count) of one way of choosing."""
     from puzzle import baseline_shapes  # benchmarks/puzzle.py: the ShortGPT shape of the same predicted time
 
@@ -66,6 +69,10 @@ def choose(how: str, parent, library, scores, costs, speedup: float):
         summed = sum(scores.kl[(i, "attn.no_op")] + scores.kl[(i, "ffn.no_op")] for i in dropped)
         return shortgpt(parent, imp, keep), summed, dropped, 0
     table = scores.kl if how != "lm" else {k: v - scores.parent_lm_loss for k, v in scores.lm_loss.items()}
+    if how in ("kl+answers", "answers"):
+        if answers is None:
+            raise SystemExit(f"--choices {how}: no scores_answers/ beside the scores; give a --score-tasks run")
+        table = answers if how == "answers" else {k: v + answers[k] for k, v in scores.kl.items()}
     exclude = list(library.pair_exclusion_keys())
     if how == "layers":
         attn0, ffn0 = (v.key for v in parent_variants(library.arch, 0))
@@ -78,6 +85,12 @@ def choose(how: str, parent, library, scores, costs, speedup: float):
     summed = scores.total([(a.key, f.key) for a, f in sol.layers])
     no_attn = [i for i, (a, _) in enumerate(sol.layers) if a.key == "attn.no_op"]
     return child, summed, no_attn, sum(f.key == "ffn.linear" for _, f in sol.layers)
+
+
+def answers_of(args) -> dict | None:
+    """The replace-1-block KL on task answers of a `--score-tasks` run (OUT/scores_answers), or None."""
+    path = args.out / "scores_answers"
+    return load_scores_stage(path)[0].kl if (path / "stage.json").is_file() else None
 
 
 @torch.inference_mode()
@@ -110,7 +123,7 @@ def part_choice(args, parent, library, scores, costs) -> None:
     print("|---|---:|---:|---:|---:|" + "---:|" * len(args.tasks) + "---|---:|")
     for how in args.choices:
         t0 = time.perf_counter()
-        child, summed, no_attn, linear = choose(how, parent, library, scores, costs, args.speedup)
+        child, summed, no_attn, linear = choose(how, parent, library, scores, costs, args.speedup, answers_of(args))
         c = closeness(ref, child, report.chunks)
         res = evaluate_tasks(child, args.tasks, limit=args.limit, progress=False, use_cache=False) if args.tasks \
             else {}
@@ -133,7 +146,7 @@ def part_answers(args, parent, library, scores, costs) -> None:
           + ", ".join(f"{d.source} ({int(d.mask.sum())} positions)" for d in data.values()) + "\n")
     print("| choice | " + " | ".join(data) + " |\n|---|" + "---:|" * len(data))
     for how in args.choices:
-        child = choose(how, parent, library, scores, costs, args.speedup)[0]
+        child = choose(how, parent, library, scores, costs, args.speedup, answers_of(args))[0]
         kl = []
         for t, d in data.items():
             per = torch.cat([kl_per_token(r, child(d.chunks[s:s + 8])) for r, s in zip(ref[t], range(0, len(d), 8))])
