@@ -93,6 +93,15 @@ def answers_of(args) -> dict | None:
     return load_scores_stage(path)[0].kl if (path / "stage.json").is_file() else None
 
 
+def child_batches(parent_logits, child, chunks: torch.Tensor):
+    """(parent logits, child logits) per batch of `chunks`, the parent's from `parent_logits_for` (one tensor per
+    batch, in order)."""
+    start = 0
+    for p in parent_logits:
+        yield p, child(chunks[start:start + len(p)])
+        start += len(p)
+
+
 @torch.inference_mode()
 def closeness(parent_logits, child, chunks: torch.Tensor) -> dict[str, float]:
     """KL(parent || child) over every position, top-1 agreement, and the KL over the positions where the parent is
@@ -100,10 +109,7 @@ def closeness(parent_logits, child, chunks: torch.Tensor) -> dict[str, float]:
     from tessera.evaluate.kld import kl_per_token
 
     kl, agree, confident = [], [], []
-    start = 0
-    for p in parent_logits:  # one tensor per batch of chunks, in order
-        q = child(chunks[start:start + len(p)])
-        start += len(p)
+    for p, q in child_batches(parent_logits, child, chunks):
         kl.append(kl_per_token(p, q).flatten())
         agree.append((p.argmax(-1) == q.argmax(-1)).flatten())
         confident.append((torch.softmax(p.float(), -1).amax(-1) > 0.5).flatten())
@@ -112,7 +118,7 @@ def closeness(parent_logits, child, chunks: torch.Tensor) -> dict[str, float]:
             "kld_unsure": kl[~confident].mean().item(), "confident": confident.float().mean().item()}
 
 
-def part_choice(args, parent, library, scores, costs) -> None:
+def part_choice(args, parent, library, scores, costs, answers) -> None:
     from tessera.evaluate import parent_logits_for
 
     report = load_split(parent.tokenizer, "reporting", args.report_data, seq_len=256, max_tokens=8 * 256).take(8)
@@ -123,7 +129,7 @@ def part_choice(args, parent, library, scores, costs) -> None:
     print("|---|---:|---:|---:|---:|" + "---:|" * len(args.tasks) + "---|---:|")
     for how in args.choices:
         t0 = time.perf_counter()
-        child, summed, no_attn, linear = choose(how, parent, library, scores, costs, args.speedup, answers_of(args))
+        child, summed, no_attn, linear = choose(how, parent, library, scores, costs, args.speedup, answers)
         c = closeness(ref, child, report.chunks)
         res = evaluate_tasks(child, args.tasks, limit=args.limit, progress=False, use_cache=False) if args.tasks \
             else {}
@@ -135,21 +141,22 @@ def part_choice(args, parent, library, scores, costs) -> None:
 
 
 @torch.inference_mode()
-def part_answers(args, parent, library, scores, costs) -> None:
+def part_answers(args, parent, library, scores, costs, answers) -> None:
+    from tessera.evaluate import parent_logits_for
     from tessera.evaluate.kld import kl_per_token
     from tessera.evaluate.tasks import answer_split, parse_item_spans
 
     spans = parse_item_spans(args.answer_items)
     data = {t: answer_split(parent.tokenizer, {t: span}, 256) for t, span in spans.items()}
-    ref = {t: [parent(d.chunks[s:s + 8]) for s in range(0, len(d), 8)] for t, d in data.items()}
+    ref = {t: parent_logits_for(parent, d.chunks) for t, d in data.items()}
     print(f"\n{args.speedup:g}x, before GKD: KL to the parent on the answer tokens of "
           + ", ".join(f"{d.source} ({int(d.mask.sum())} positions)" for d in data.values()) + "\n")
     print("| choice | " + " | ".join(data) + " |\n|---|" + "---:|" * len(data))
     for how in args.choices:
-        child = choose(how, parent, library, scores, costs, args.speedup, answers_of(args))[0]
+        child = choose(how, parent, library, scores, costs, args.speedup, answers)[0]
         kl = []
         for t, d in data.items():
-            per = torch.cat([kl_per_token(r, child(d.chunks[s:s + 8])) for r, s in zip(ref[t], range(0, len(d), 8))])
+            per = torch.cat([kl_per_token(p, q) for p, q in child_batches(ref[t], child, d.chunks)])
             kl.append(per[d.mask].mean().item())
         print(f"| {how} | " + " | ".join(f"{x:.3f}" for x in kl) + " |", flush=True)
 
@@ -215,10 +222,10 @@ def main() -> None:
 
     parent = tessera.load("default")
     scores, library = load_scores_stage(args.out / "scores")
-    if args.part == "choice":
-        part_choice(args, parent, library, scores, CostTable.from_json((args.out / "costs.json").read_text()))
-    elif args.part == "answers":
-        part_answers(args, parent, library, scores, CostTable.from_json((args.out / "costs.json").read_text()))
+    if args.part in ("choice", "answers"):
+        costs = CostTable.from_json((args.out / "costs.json").read_text())
+        part = part_choice if args.part == "choice" else part_answers
+        part(args, parent, library, scores, costs, answers_of(args))
     elif args.part == "healed":
         part_healed(args, parent)
     else:

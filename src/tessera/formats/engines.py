@@ -50,13 +50,18 @@ def ffn_width_expressible(width: int, hidden_size: int) -> bool:
     return nas_ffn_width(ffn_mult_for(width, hidden_size), hidden_size) == width
 
 
+def _gguf_rows(n: int) -> int:
+    """`n` rounded down to a multiple of `GGUF_BLOCK`, or `n` itself when it is smaller than one block."""
+    return n if n < GGUF_BLOCK else n // GGUF_BLOCK * GGUF_BLOCK
+
+
 def round_ffn_width(width: int, hidden_size: int, engine: str | None) -> int:
     """The nearest width not above `width` that `engine` serves exactly (vLLM: a multiple of 256 it can express;
     at least one multiple), or serves best (llama.cpp: a multiple of `GGUF_BLOCK` when there is one below, so a q8_0
     GGUF quantizes the down projection, whose rows are this width, instead of writing it f16). Other engines take
     any width."""
     if engine == "llamacpp":
-        return width if width < GGUF_BLOCK else width // GGUF_BLOCK * GGUF_BLOCK
+        return _gguf_rows(width)
     if engine != "vllm":
         return width
     w = max(NAS_FFN_MULTIPLE, width // NAS_FFN_MULTIPLE * NAS_FFN_MULTIPLE)
@@ -110,7 +115,7 @@ def round_hidden(hidden: int, heads: int, engine: str | None) -> int:
     heads (vLLM, transformers: a multiple of the heads), or serves best (llama.cpp: a multiple of `GGUF_BLOCK` when
     there is one below, the rows of every projection reading the residual stream). Other engines take any size."""
     if engine == "llamacpp":
-        return hidden if hidden < GGUF_BLOCK else hidden // GGUF_BLOCK * GGUF_BLOCK
+        return _gguf_rows(hidden)
     if engine not in ("vllm", "transformers") or hidden % heads == 0:
         return hidden
     return max(heads, hidden // heads * heads)
