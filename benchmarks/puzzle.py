@@ -15,6 +15,11 @@ of those held-out task items (`tessera.evaluate.tasks.answer_split`: KL only at 
 answer tokens), and the MIP minimises the sum of the two replace-1-block KLs; items the accuracy is reported on
 (0 .. --limit-1 of the reported tasks) are refused.
 
+With --refine-rounds N, each Puzzle child is refined after the MIP (`tessera.puzzle.refine`): the MIP's child is
+measured on the scoring data (its KL, and the in-context cost of each layer it changes: the KL it gives back when
+that layer alone gets the parent's block), each layer's scores are rescaled by in-context cost / summed score, and
+the MIP is solved again, up to N rounds; the child with the lowest measured KL is built.
+
 All children are healed by global distillation with the same token budget, lr and batch (Puzzle and Minitron:
 KL + cosine on every layer's output; ShortGPT, which has fewer layers: KL + cosine on the final hidden state),
 then measured: decode speed-up over the parent at batch 1 and 8 (`tessera.bench`), KLD to the parent on the
@@ -46,6 +51,7 @@ from tessera.puzzle.run import (
     compute_costs,
     load_library,
     load_scores_stage,
+    scoring_data,
     stage_bld,
     stage_library,
     stage_score,
@@ -247,6 +253,9 @@ def main() -> None:
                     help="also score every variant on the gold answers of these held-out task items (e.g. "
                          "arc_easy:1000-1060 lambada:1000-1024; never the reported items 0..--limit-1) and give "
                          "the MIP the sum of both KLs")
+    ap.add_argument("--refine-rounds", type=int, default=0,
+                    help="refine each Puzzle child with its measured in-context block costs for up to N MIP rounds "
+                         "(tessera.puzzle.refine; 0: the MIP's first choice, as in the paper)")
     ap.add_argument("--gkd-data", choices=("corpus", "mix"), default="corpus",
                     help="text of the global distillation of every child and of the baselines' importance: the "
                          "shared corpus's calibration split, or the mix of --search-data mix (the KLD is always "
@@ -355,9 +364,27 @@ def build(args) -> None:
         _write(args, results)
     parent_acc = results["parent"]["accuracy"]
     done = {(r["target"], r["method"]) for r in results["rows"]}
+    measure = None
+    if args.refine_rounds:  # the child's in-context costs on the data the scores were measured on
+        from tessera.puzzle.refine import child_measure
+
+        measure = child_measure(parent, library, [scoring_data(parent, replace(cfg, score_tasks=()))]
+                                + ([scoring_data(parent, cfg)] if args.score_tasks else []))
     for s in args.speedups:
-        sol = timed("mip", lambda s=s: solve(scores.kl, costs, [Constraint("speedup", s, phase="decode")],
-                                             exclude=library.pair_exclusion_keys()))[0]
+        def mip(table, pairs=None, s=s):
+            return solve(table, costs, [Constraint("speedup", s, phase="decode")],
+                         exclude=library.pair_exclusion_keys(), pair_scores=pairs)[0]
+
+        refined = None
+        if measure is not None and (s, "puzzle") not in done and "puzzle" in args.methods:
+            from tessera.puzzle.refine import refine
+
+            sol, history = timed("refine", lambda mip=mip: refine(scores.kl, mip, measure, rounds=args.refine_rounds))
+            refined = [r.as_dict() for r in history]
+            print(f"refine {s:g}x: measured " + " -> ".join(f"{r['measured']:.3f} (summed {r['summed']:.3f})"
+                                                            for r in refined), flush=True)
+        else:
+            sol = timed("mip", lambda mip=mip: mip(scores.kl))
         shapes = baseline_shapes(costs, s, parent.arch)
         makers = {
             "puzzle": (lambda sol=sol: assemble(parent, library, sol.layers,
@@ -385,7 +412,7 @@ def build(args) -> None:
             row = {"target": s, "method": name, "shape": shape, "params": child.arch.num_params(), "path": str(path),
                    "predicted_speedup": predicted, "kld_before": kld_before, "kld": kld["kld"],
                    "kld_stderr": kld["stderr"], "accuracy": acc, "preserved": acc["average"] / parent_acc["average"],
-                   "gkd": gkd}
+                   "gkd": gkd, **({"refine": refined} if name == "puzzle" and refined else {})}
             results["rows"].append(row)
             _write(args, results)
             print(json.dumps({k: row[k] for k in ("target", "method", "shape", "predicted_speedup", "kld_before",

@@ -71,6 +71,19 @@ def test_stage_commands_chain_through_their_directories(parent_dir, data_file, t
             "--scenario", "64/64", "--json")
     assert r.exit_code == 0, r.output
     chosen = json.loads(r.output)["chosen"]
+    # refined: the children measured on the scores' own tokens (rebuilt from the scores' settings), the closest kept
+    r = cli("puzzle", "mip", scores, "--out", tmp_path / "mip_refined", "--target-speedup", "1.1", "--phase", "decode",
+            "--gpu", "h100", "--scenario", "64/64", "--refine-rounds", "3", "--json")
+    assert r.exit_code == 0, r.output
+    refined = json.loads((tmp_path / "mip_refined" / "mip.json").read_text())
+    rounds = refined["refine"]
+    assert 1 <= len(rounds) <= 3 and rounds[0]["chosen"] == chosen  # round 0 is the plain MIP's choice
+    best = min(rounds, key=lambda x: x["measured"])
+    assert refined["chosen"] == best["chosen"] == json.loads(r.output)["chosen"] and best["measured"] > 0
+    assert all(v >= 1.1 - 1e-9 for v in refined["constraint_values"].values())  # the target still met
+    assert_one_line_error(cli("puzzle", "mip", scores, "--out", tmp_path / "m3", "--target-speedup", "1.1", "--gpu",
+                              "h100", "--refine-rounds", "2", "--num-solutions", "2"), "one solution")
+    assert not (tmp_path / "m3").exists()
     r = cli("puzzle", "assemble", mip, "--out", child, "--gkd-tokens", "128", "--batch", "4", "--report-samples", "4",
             *d, "--json")
     assert r.exit_code == 0, r.output
@@ -120,6 +133,13 @@ def test_search_runs_every_stage_then_resumes_a_killed_run(parent_dir, data_file
     with pytest.raises(TesseraError, match="made with other settings .*constraints"):
         run_search(str(parent_dir), _cfg(data_file, constraints=constraints_from(1.6, phase="decode")), out,
                    progress=False)
+    with pytest.raises(TesseraError, match="made with other settings .*refine_rounds"):
+        run_search(str(parent_dir), _cfg(data_file, refine_rounds=2), out, progress=False)
+    refined = run_search(str(parent_dir), _cfg(data_file, refine_rounds=2, gkd_tokens=0), tmp_path / "refined",
+                         progress=False)
+    rounds = refined.record["refine"]  # the MIP stage's rounds, carried into the child's search.json
+    assert rounds[0]["chosen"] == result.record["chosen"]  # the same library, BLD and scores: the same first choice
+    assert refined.record["chosen"] == min(rounds, key=lambda x: x["measured"])["chosen"]
 
 
 def test_search_cli_prints_one_summary_and_serves_the_engine(parent_dir, data_file, tmp_path):

@@ -152,8 +152,9 @@ def choices(scores, layers: int, exclude=()):
     return list(itertools.product(*options))
 
 
-def brute_force(table, scores, constraints, exclude=(), previous=(), min_diff=1):
-    """(lowest summed score, its choice) over every allowed child meeting the constraints, or None."""
+def brute_force(table, scores, constraints, exclude=(), previous=(), min_diff=1, pairs=None):
+    """(lowest summed score, its choice) over every allowed child meeting the constraints, or None. `pairs`:
+    {(layer, attention key, FFN key): score} in place of the sum of the two halves."""
     L = table.num_layers
     best = None
     at = {e for e in exclude if len(e) == 3}
@@ -164,7 +165,7 @@ def brute_force(table, scores, constraints, exclude=(), previous=(), min_diff=1)
             continue
         m = table.metrics(table.total(choice))
         if all(check(table, choice, c, m) is not None for c in constraints):
-            obj = sum(scores[(i, a)] + scores[(i, f)] for i, (a, f) in enumerate(choice))
+            obj = sum((pairs or {}).get((i, a, f), scores[(i, a)] + scores[(i, f)]) for i, (a, f) in enumerate(choice))
             if best is None or obj < best[0] - 1e-12:
                 best = (obj, choice)
     return best
@@ -210,6 +211,28 @@ def test_mip_equals_brute_force_and_respects_every_constraint(seed, mix):
         kind = label.split("[")[0].split(" ")[0]
         c = next(c for c in constraints if c.kind == kind)
         assert value in check(table, sol.keys, c) or kind == "params" and value == sol.totals["params"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_pairs_own_score_replaces_the_sum_of_its_halves(seed):
+    """pair_scores (e.g. a pair measured in a child's context, tessera.puzzle.refine) price one pair at one layer."""
+    rng = random.Random(50 + seed)
+    layers = 3
+    table, scores = random_table(rng, layers), random_scores(rng, layers)
+    constraints = [Constraint("speedup", 1.2, phase="decode")]
+    (plain,) = solve(scores, table, constraints, mip_rel_gap=0)
+    pairs = {(i, a, f): 5.0 for i, (a, f) in enumerate(plain.keys)}  # the plain optimum's pairs made dear ...
+    options = choices(scores, layers)
+    for _ in range(6):  # ... and some others cheap
+        i = rng.randrange(layers)
+        a, f = rng.choice(options)[i]
+        pairs.setdefault((i, a, f), rng.uniform(0, 0.2))
+    best = brute_force(table, scores, constraints, pairs=pairs)
+    (sol,) = solve(scores, table, constraints, pair_scores=pairs, mip_rel_gap=0)
+    assert sol.objective == pytest.approx(best[0], abs=1e-9)
+    assert sol.keys != plain.keys
+    with pytest.raises(TesseraError, match="pair score"):
+        solve(scores, table, constraints, pair_scores={(0, "attn.no_op"): 1.0})
 
 
 @pytest.mark.parametrize("seed", range(4))

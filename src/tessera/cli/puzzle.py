@@ -31,6 +31,10 @@ Device = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
 Dtype = Annotated[str, typer.Option("--dtype", help="weights dtype (default: fp32 on cpu, bf16 otherwise)")]
 ScenarioOpt = Annotated[str, typer.Option("--scenario", help="IN/OUT tokens, comma-separated for several")]
 CostBatch = Annotated[int, typer.Option("--batch", min=1, help="concurrent sequences the costs are for")]
+RefineRounds = Annotated[int, typer.Option("--refine-rounds", min=0, help="refine the MIP's choice for up to N "
+                                           "rounds: measure the child's in-context block costs on the scoring data, "
+                                           "rescale the scores, solve again; keep the closest child (0: the MIP's "
+                                           "choice as it is)")]
 GkdDtype = Annotated[str, typer.Option("--gkd-dtype", help="global distillation's compute dtype: fp32 | bf16 | fp16 "
                                        "(default: fp32 on cpu, bf16 on a GPU; bf16 is ~2x faster on a CPU with "
                                        "AVX512-BF16)")]
@@ -225,15 +229,23 @@ def mip_cmd(scores: Path = typer.Argument(..., help="a scores directory (tessera
             dtype: Dtype = None, scenario: ScenarioOpt = "128/128", batch: CostBatch = 1,
             reps: int = typer.Option(3, "--reps", min=1, help="timing repetitions when measuring"),
             num_solutions: int = typer.Option(1, "--num-solutions", min=1),
+            refine_rounds: RefineRounds = 0,
+            parent: str = typer.Option(None, "--parent", help="the parent (--refine-rounds), if not at the "
+                                                              "library's recorded source"),
             force: bool = typer.Option(False, "--force"), as_json: bool = typer.Option(False, "--json")):
     """Stage 4: cost every variant and choose one attention and one FFN variant per layer. """ + TARGET_HELP
-    from tessera.puzzle.run import SearchConfig, stage_mip
+    from tessera.io import refuse_overwrite
+    from tessera.puzzle.run import SearchConfig, load_scores_stage, stage_mip
 
     constraints = _targets(target_speedup, max_memory_gb, min_throughput, phase)
     target, source = _target(gpu, device, dtype, scenario, batch)
     cfg = SearchConfig(constraints=constraints, target=target, costs=source, measure_reps=reps,
-                       num_solutions=num_solutions)
-    record = stage_mip(scores, cfg, out, force=force, progress=None if as_json else _say)
+                       num_solutions=num_solutions, refine_rounds=refine_rounds)
+    m = None
+    if refine_rounds:
+        refuse_overwrite(out, force, "MIP directory")  # before loading the parent
+        m = _parent_for(load_scores_stage(scores)[1], parent)
+    record = stage_mip(scores, cfg, out, force=force, progress=None if as_json else _say, parent=m)
     if as_json:
         echo_json({"out": str(out), **{k: record[k] for k in ("chosen", "objective", "predicted", "constraint_values",
                                                                 "alternatives")}})
@@ -295,7 +307,7 @@ def search_cmd(parent: str = typer.Argument(..., help="'default', a model direct
                dtype: Dtype = None, scenario: ScenarioOpt = "128/128", batch: CostBatch = 1,
                engine: str = typer.Option(None, "--engine", help="vllm | llamacpp: only variants it can serve"),
                gkd_tokens: int = typer.Option(131_072, "--gkd-tokens", min=0, help="global distillation tokens (0: none)"),
-               gkd_dtype: GkdDtype = None,
+               gkd_dtype: GkdDtype = None, refine_rounds: RefineRounds = 0,
                bld_tokens: int = typer.Option(65_536, "--bld-tokens", min=0, help="BLD tokens per variant (0: none)"),
                ffn_fractions: str = typer.Option(None, "--ffn-fractions", help="FFN widths offered, as fractions"),
                calib_samples: int = typer.Option(64, "--calib-samples", min=1),
@@ -315,7 +327,7 @@ def search_cmd(parent: str = typer.Argument(..., help="'default', a model direct
     cfg = SearchConfig(constraints=constraints, target=target, costs=source, library=lcfg,
                        data=str(data) if data else None, seq_len=seq_len, calib_samples=calib_samples,
                        bld_tokens=bld_tokens, score_samples=score_samples, score_tasks=_spans(score_tasks),
-                       gkd_tokens=gkd_tokens, gkd_dtype=gkd_dtype)
+                       gkd_tokens=gkd_tokens, gkd_dtype=gkd_dtype, refine_rounds=refine_rounds)
     result = run_search(parent, cfg, out, force=force, progress=not as_json, log=None if as_json else _say)
     if result.reused and not as_json:
         _say(f"reused complete stages: {', '.join(result.reused)}")

@@ -4,7 +4,8 @@ Formulation (Puzzle, arXiv 2411.19146, section 4; solved with `scipy.optimize.mi
 
     variables   y[l, a, f] in {0, 1}: layer l takes attention variant a and FFN variant f, for every pair whose
                 two halves are scored at layer l, are costed, and are not excluded
-    minimise    sum  y[l, a, f] * (score[l, a] + score[l, f])        (replace-1-block scores, e.g. KL to the parent)
+    minimise    sum  y[l, a, f] * (score[l, a] + score[l, f])        (replace-1-block scores, e.g. KL to the parent;
+                                                                       a pair's own score where one is given)
     subject to  sum_(a, f) y[l, a, f] = 1                              for every layer l
                 fixed_r + sum y[l, a, f] * r(pair a, f) <= R           for every resource row r below
                 sum_l y[l, a_l^k, f_l^k] <= L - ceil((1 - alpha) * L)   for every earlier solution k (diversity)
@@ -222,13 +223,15 @@ def _options(scores: Mapping[tuple[int, str], float], costs: CostTable, engine: 
     return out
 
 
-def _program(scores, costs: CostTable, rows: list[_Row], options) -> _Program:
+def _program(scores, costs: CostTable, rows: list[_Row], options, pair_scores=None) -> _Program:
     layer_of, pair_of, score = [], [], []
+    pair_scores = pair_scores or {}
     for layer, allowed in enumerate(options):
         for a, f in allowed:
             layer_of.append(layer)
             pair_of.append((a, f))
-            score.append(float(scores[(layer, a)]) + float(scores[(layer, f)]))
+            summed = float(scores[(layer, a)]) + float(scores[(layer, f)])
+            score.append(float(pair_scores.get((layer, a, f), summed)))
     A = np.array([[r.resource(costs.pair(a, f)) for a, f in pair_of] for r in rows]).reshape(len(rows), len(pair_of))
     fixed = np.array([r.resource(costs.fixed) for r in rows])
     limit = np.array([r.limit for r in rows])
@@ -331,13 +334,15 @@ def _solve(p: _Program, row_mask: np.ndarray, objective: np.ndarray, previous: l
 # ---------------------------------------------------------------------------- the search
 def solve(scores: Mapping[tuple[int, str], float], costs: CostTable, constraints: Sequence[Constraint] = (), *,
           num_solutions: int = 1, alpha: float = 0.9, engine: str | None = None,
-          exclude: Collection[tuple] = (), time_limit_s: float = 60.0,
-          mip_rel_gap: float = 1e-6, reduce: bool = True) -> list[Solution]:
+          exclude: Collection[tuple] = (), pair_scores: Mapping[tuple[int, str, str], float] | None = None,
+          time_limit_s: float = 60.0, mip_rel_gap: float = 1e-6, reduce: bool = True) -> list[Solution]:
     """The best child under `constraints` (lowest summed score), then up to `num_solutions - 1` more, each
     differing from every earlier one in >= (1 - alpha) x layers. Fewer are returned when no further diverse
     child meets the constraints. `engine` (vllm | llamacpp | transformers) leaves out the pairs it cannot
     serve (`tessera.formats.engines.block_reason`); `exclude` leaves out explicit pairs: (attention key, FFN key)
-    at every layer, (layer, attention key, FFN key) at one (e.g. the library's `PairExclusion`s)."""
+    at every layer, (layer, attention key, FFN key) at one (e.g. the library's `PairExclusion`s). `pair_scores`
+    gives a pair's score at one layer, {(layer, attention key, FFN key): score}, in place of the sum of its halves
+    (e.g. a pair measured among a child's other choices: `tessera.puzzle.refine`)."""
     if num_solutions < 1:
         raise TesseraError(f"num_solutions must be >= 1, got {num_solutions}")
     if not 0 <= alpha < 1:
@@ -345,7 +350,11 @@ def solve(scores: Mapping[tuple[int, str], float], costs: CostTable, constraints
     rows = _rows(costs, constraints)
     _refuse_beyond_empty(costs, rows)
     options = _options(scores, costs, engine, exclude)
-    p = _program(scores, costs, rows, options)
+    for key, value in (pair_scores or {}).items():
+        if not (isinstance(key, tuple) and len(key) == 3 and isinstance(value, (int, float, np.floating))
+                and math.isfinite(value)):
+            raise TesseraError(f"pair score {key!r}: {value!r}; give {{(layer, attention key, FFN key): finite score}}")
+    p = _program(scores, costs, rows, options, pair_scores)
     L = costs.num_layers
     min_diff = max(1, math.ceil((1 - alpha) * L - 1e-9))
     all_rows = np.ones(len(rows), bool)

@@ -69,6 +69,7 @@ class SearchConfig:
     report_samples: int = 16  # reporting chunks for the final KLD
     measure_reps: int = 3
     num_solutions: int = 1
+    refine_rounds: int = 0  # > 0: refine the MIP's choice with its measured in-context costs (tessera.puzzle.refine)
     seed: int = 0
 
     def __post_init__(self):
@@ -84,6 +85,10 @@ class SearchConfig:
                      "num_solutions"):
             if getattr(self, name) < 1:
                 raise TesseraError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.refine_rounds < 0:
+            raise TesseraError(f"refine_rounds must be >= 0 (0: the MIP's choice as it is), got {self.refine_rounds}")
+        if self.refine_rounds and self.num_solutions > 1:
+            raise TesseraError("refinement keeps one child; ask for one solution (--num-solutions 1) with it")
         if self.seq_len < 2 or self.bld_tokens < 0 or self.gkd_tokens < 0:
             raise TesseraError("seq_len must be >= 2 and the BLD / GKD token budgets >= 0")
         if self.gkd_dtype is not None:
@@ -104,9 +109,10 @@ class SearchConfig:
                 return {**common, "score_tasks": list(self.score_tasks)}
             return {**common, "score_samples": self.score_samples}
         if stage == "mip":
+            refine = {"refine_rounds": self.refine_rounds} if self.refine_rounds else {}  # absent: as before it existed
             return {"constraints": [asdict(c) for c in self.constraints], "target": self.target.as_dict(),
                     "costs": self.costs, "measure_reps": self.measure_reps, "num_solutions": self.num_solutions,
-                    "engine": self.library.engine}
+                    "engine": self.library.engine, **refine}
         if stage == "assemble":
             dtype = {"gkd_dtype": self.gkd_dtype} if self.gkd_dtype else {}  # absent: as recorded before it existed
             return {**common, "gkd_tokens": self.gkd_tokens, "gkd_batch": self.gkd_batch, "gkd_lr": self.gkd_lr,
@@ -243,16 +249,36 @@ def stage_score(library: Library, parent, cfg: SearchConfig, out: str | Path, *,
     elif out.exists() and not (out / "scores.json").is_file() and any(out.iterdir()):
         raise TesseraError(f"{out}: exists and is not a scores directory; choose another --out")
     t0 = time.perf_counter()
-    if cfg.score_tasks:
-        from tessera.evaluate.tasks import answer_split, parse_item_spans
-
-        selection = answer_split(parent.tokenizer, parse_item_spans(cfg.score_tasks), cfg.seq_len)
-    else:
-        selection = _split(parent, cfg, split, chunks=cfg.score_samples)
+    selection = scoring_data(parent, cfg, split)
     table = score_library(library, parent, selection, out, progress=progress, force=force)
     write_stage(out, "score", cfg.settings("score"), time.perf_counter() - t0, library=str(library.path),
                 parent_fingerprint=library.parent_fingerprint, bld=state, data=selection.record())
     return table
+
+
+def scoring_data(parent, cfg: SearchConfig, split: str = "selection"):
+    """The tokens the scores are measured on: `cfg.score_samples` chunks of the selection split, or the answers of
+    the items `cfg.score_tasks` names (`tessera.evaluate.tasks.answer_split`)."""
+    if cfg.score_tasks:
+        from tessera.evaluate.tasks import answer_split, parse_item_spans
+
+        return answer_split(parent.tokenizer, parse_item_spans(cfg.score_tasks), cfg.seq_len)
+    return _split(parent, cfg, split, chunks=cfg.score_samples)
+
+
+def scores_data(scores_dir: str | Path, parent):
+    """The tokens a complete scores directory was measured on, rebuilt from its settings and checked against its
+    record (the same text, split and items, or a clear line why not)."""
+    stage = read_stage(Path(scores_dir).expanduser(), "score")
+    settings = stage["settings"]
+    cfg = SearchConfig(data=settings.get("data"), seq_len=settings.get("seq_len", 256),
+                       score_samples=settings.get("score_samples", 16),
+                       score_tasks=tuple(settings.get("score_tasks", ())))
+    data = scoring_data(parent, cfg)
+    if data.record().get("sha256") != stage.get("data", {}).get("sha256"):
+        raise TesseraError(f"{scores_dir}: its scoring tokens cannot be rebuilt here (the text or tokenizer "
+                           "changed); rescore with `tessera puzzle score --force`")
+    return data
 
 
 def load_scores_stage(path: str | Path):
@@ -284,8 +310,10 @@ def compute_costs(library: Library, cfg: SearchConfig, progress: Callable[[str],
 
 
 def stage_mip(scores_dir: str | Path, cfg: SearchConfig, out: str | Path, *, force: bool = False, costs=None,
-              progress: Callable[[str], None] | None = None) -> dict:
-    """Stage 4: cost the variants and solve the MIP; writes `costs.json` and `mip.json` (atomic). Returns mip.json."""
+              progress: Callable[[str], None] | None = None, parent=None) -> dict:
+    """Stage 4: cost the variants and solve the MIP; writes `costs.json` and `mip.json` (atomic). Returns mip.json.
+    With `cfg.refine_rounds`, the choice is refined on the scores' own data (`tessera.puzzle.refine`; the parent is
+    needed to measure the children) and mip.json records every round under "refine"."""
     from tessera.puzzle.assemble import search_record
     from tessera.puzzle.mip import solve
 
@@ -297,13 +325,31 @@ def stage_mip(scores_dir: str | Path, cfg: SearchConfig, out: str | Path, *, for
     refuse_overwrite(out, force, "MIP directory")
     t0 = time.perf_counter()
     table, library = load_scores_stage(scores_dir)
+    if cfg.refine_rounds and parent is None:
+        raise TesseraError("refining the MIP's choice measures its children: give the parent")
     costs = costs or compute_costs(library, cfg, progress)
-    solutions = solve(table.kl, costs, cfg.constraints, num_solutions=cfg.num_solutions, engine=cfg.library.engine,
-                      exclude=library.pair_exclusion_keys())
+
+    def mip(scores, pair_scores=None, num_solutions=cfg.num_solutions):
+        return solve(scores, costs, cfg.constraints, num_solutions=num_solutions, engine=cfg.library.engine,
+                     exclude=library.pair_exclusion_keys(), pair_scores=pair_scores)
+
+    refined = {}
+    if cfg.refine_rounds:
+        from tessera.puzzle.refine import child_measure, refine
+
+        data = scores_data(scores_dir, parent)
+        best, history = refine(table.kl, lambda s, p: mip(s, p, 1)[0], child_measure(parent, library, [data]),
+                               rounds=cfg.refine_rounds)
+        solutions = [best]
+        refined = {"refine": [r.as_dict() for r in history]}
+        if progress:
+            progress("refined: measured KL " + " -> ".join(f"{r.measured:.4f}" for r in history))
+    else:
+        solutions = mip(table.kl)
     records = [search_record(library, table.kl, costs, cfg.constraints, s, extra={"scores_dir": str(scores_dir)})
                for s in solutions]
     result = {**records[0], "alternatives": [{k: r[k] for k in ("chosen", "objective", "predicted")}
-                                             for r in records[1:]]}
+                                             for r in records[1:]], **refined}
     with atomic_dir(out, force=force) as tmp:
         (tmp / "costs.json").write_text(costs.to_json())
         (tmp / "mip.json").write_text(json.dumps(result, indent=1, sort_keys=True))
@@ -451,7 +497,7 @@ def run_search(parent, cfg: SearchConfig, out: str | Path, *, parent_source: str
         reused.append("mip")
     else:
         redo = True
-        timed("mip", lambda: stage_mip(paths["score"], cfg, paths["mip"], force=True, progress=say))
+        timed("mip", lambda: stage_mip(paths["score"], cfg, paths["mip"], force=True, progress=say, parent=parent))
     # 5. assemble + GKD
     if _check_reuse(paths["assemble"], "assemble", cfg.settings("assemble"), redo):
         reused.append("assemble")

@@ -8,6 +8,10 @@ Public API (names are stable; the CLI and `tessera.puzzle.assemble` call them):
                                     `tessera.puzzle.mip.solve(scores=table.kl)` takes), `.lm_loss[(layer, key)]`,
                                     `.parent_lm_loss`, `.data` (the record of the scoring tokens), `.table()` rows
     load_scores(out) -> ScoreTable  the cached table, as written
+    in_context_costs(parent, child, data, layers) -> (KL, {layer: cost})
+                                    a child's KL to the parent and what each of its layers' choices costs in the
+                                    child (the KL it loses when that layer alone gets the parent's block back):
+                                    the measurement `tessera.puzzle.refine` corrects the summed scores with
     score_rows(table, library) / rich_score_table(table, library)
                                     the per-layer table (layers x variants), for printing
     (the heat map is `tessera.plots.plot_score_heatmap`)
@@ -205,15 +209,15 @@ def score_library(library: Library, parent: Transformer, data: DataSplit | torch
                 lm_sum, count, lm_count = 0.0, 0, 0
                 for b, s in enumerate(fwd.batches):
                     pos = None if mask is None else mask[s]  # the positions that count (None: all)
-                    logp = torch.log_softmax(fwd.logits(b, positions=pos).float(), dim=-1)  # once, for every branch
+                    logp = _logprobs(fwd.logits(b, positions=pos))  # once, for every branch
                     p = logp.exp()
                     target = (chunks[s, 1:] if pos is None else chunks[s].roll(-1, dims=1)[pos]).to(logp.device)
                     lm_sum += _lm_loss_sum(logp, target)
                     count += logp.shape[:-1].numel()
                     lm_count += target.numel()
                     for br in branches:
-                        logq = torch.log_softmax(fwd.logits(b, br.name, positions=pos).float(), dim=-1)
-                        sums[br.name][0] += (p * (logp - logq)).sum(-1).double().sum().item()
+                        logq = _logprobs(fwd.logits(b, br.name, positions=pos))
+                        sums[br.name][0] += _kl_sum(logp, p, logq)
                         sums[br.name][1] += _lm_loss_sum(logq, target)
                     del logp, p
             finally:
@@ -238,6 +242,50 @@ def score_library(library: Library, parent: Transformer, data: DataSplit | torch
         table.kl[(i, key)] = e["kl"]
         table.lm_loss[(i, key)] = e["lm_loss"]
     return table
+
+
+@torch.no_grad()
+def in_context_costs(parent: Transformer, child: Transformer, data: DataSplit | torch.Tensor, layers: Sequence[int],
+                     *, batch_size: int = 8, budget=None) -> tuple[float, dict[int, float]]:
+    """The child's mean KL(parent || child) on `data` (the masked positions of a `DataSplit` with a mask, else
+    every position, as `score_library` counts them), and for each of `layers` the in-context cost of the child's
+    block there: the child's KL minus the KL of the child with that one layer replaced by the parent's layer.
+    Replace-1-block scores measure a block in the parent; this measures it among the child's other choices, where
+    removals interact. One pass of the child on `tessera.stream`'s executor, a branch per layer (the parent's layer
+    fed the child's own input to it, the child's later layers after it), and one pass of the parent."""
+    from tessera.stream import Branch, Budget, run_layers
+
+    if child.arch.num_layers != parent.arch.num_layers or child.arch.vocab_size != parent.arch.vocab_size:
+        raise TesseraError("in-context costs need a child with the parent's layers and vocabulary (a Puzzle child)")
+    chunks, mask, _ = (data.chunks, data.mask, None) if isinstance(data, DataSplit) else (data, None, None)
+    branches = [Branch(str(i), i, lambda block, x, cos, sin, i=i: parent.model.layers[i](x, cos, sin, None, None, 0))
+                for i in sorted(set(layers))]
+    fwd = run_layers(child, chunks, batch_size=batch_size, branches=branches, budget=budget or Budget())
+    sums = {br.name: 0.0 for br in branches}
+    total, count = 0.0, 0
+    try:
+        for b, s in enumerate(fwd.batches):
+            pos = None if mask is None else mask[s]
+            logp = parent(chunks[s].to(parent.device))
+            logp = _logprobs(logp if pos is None else logp[pos.to(logp.device)])
+            p = logp.exp()
+            total += _kl_sum(logp, p, _logprobs(fwd.logits(b, positions=pos)))
+            count += logp.shape[:-1].numel()
+            for br in branches:
+                sums[br.name] += _kl_sum(logp, p, _logprobs(fwd.logits(b, br.name, positions=pos)))
+    finally:
+        fwd.close()
+    return total / count, {br.layer: (total - sums[br.name]) / count for br in branches}
+
+
+def _kl_sum(logp: torch.Tensor, p: torch.Tensor, logq: torch.Tensor) -> float:
+    """Summed KL(parent || candidate) over positions, from log-probabilities: the parent's `logp` (and `p`, their
+    exp, computed once for many candidates) and the candidate's `logq`."""
+    return (p * (logp - logq)).sum(-1).double().sum().item()
+
+
+def _logprobs(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def _lm_loss_sum(logprobs: torch.Tensor, target: torch.Tensor) -> float:
