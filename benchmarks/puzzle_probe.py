@@ -23,12 +23,17 @@ the corpus's reporting split (16 x 256).
 --part answers: for the same children, the KL to the parent at the positions predicting the gold answers of
 held-out task items (`tessera.evaluate.tasks.answer_split`; --answer-items, none of them reported), per task.
 
+--part scoring: for the same children, the KL to the parent on the data the run's scores were measured on (the
+selection text, plus the task answers of a `--score-tasks` run): what `--refine-rounds` measures, beside the summed
+replace-1-block text score.
+
 --part context: replace-1-block KL of some variants on the same selection text cut into 256- and 1024-token
 chunks (does attention removal cost more with more context?).
 
     .venv/bin/python benchmarks/puzzle_probe.py --out runs/puzzle_mix --part choice --speedup 1.5
     .venv/bin/python benchmarks/puzzle_probe.py --out runs/puzzle_mix --part answers --choices shortgpt kl
     .venv/bin/python benchmarks/puzzle_probe.py --out runs/puzzle_mix --part context
+    .venv/bin/python benchmarks/puzzle_probe.py --out runs/puzzle_ans --part scoring --choices shortgpt kl+answers
     .venv/bin/python benchmarks/puzzle_probe.py --out runs/puzzle --part healed --children puzzle-1.5x shortgpt-1.5x
 """
 
@@ -161,6 +166,22 @@ def part_answers(args, parent, library, scores, costs, answers) -> None:
         print(f"| {how} | " + " | ".join(f"{x:.3f}" for x in kl) + " |", flush=True)
 
 
+def part_scoring(args, parent, library, scores, costs, answers) -> None:
+    from tessera.puzzle.run import scores_data
+    from tessera.puzzle.scoring import in_context_costs
+
+    dirs = [args.out / "scores"] + ([args.out / "scores_answers"] if answers is not None else [])
+    data = [scores_data(d, parent) for d in dirs]
+    print(f"\n{args.speedup:g}x, before GKD: summed replace-1-block text score against the KL measured on the "
+          "scoring data (" + ", ".join(f"{d.source}" for d in data) + ")\n")
+    print("| choice | summed text score | measured KL | " + " | ".join(d.name for d in data) + " |\n|---|---:|---:|"
+          + "---:|" * len(data))
+    for how in args.choices:
+        child, summed, *_ = choose(how, parent, library, scores, costs, args.speedup, answers)
+        kl = [in_context_costs(parent, child, d, [])[0] for d in data]
+        print(f"| {how} | {summed:.3f} | {sum(kl):.3f} | " + " | ".join(f"{x:.3f}" for x in kl) + " |", flush=True)
+
+
 def part_healed(args, parent) -> None:
     from tessera.data import chunk, tokenize
     from tessera.evaluate import mean_kld
@@ -203,7 +224,7 @@ def part_context(args, parent, library, scores) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True, help="a finished benchmarks/puzzle.py --out directory")
-    ap.add_argument("--part", choices=("choice", "answers", "healed", "context"), required=True)
+    ap.add_argument("--part", choices=("choice", "answers", "scoring", "healed", "context"), required=True)
     ap.add_argument("--answer-items", nargs="+", default=["lambada:1000-1300", "arc_easy:1000-1300",
                                                           "winogrande:1000-1150"], help="--part answers")
     ap.add_argument("--children", nargs="+", default=["puzzle-1.5x", "shortgpt-1.5x"], help="--part healed")
@@ -222,9 +243,9 @@ def main() -> None:
 
     parent = tessera.load("default")
     scores, library = load_scores_stage(args.out / "scores")
-    if args.part in ("choice", "answers"):
+    if args.part in ("choice", "answers", "scoring"):
         costs = CostTable.from_json((args.out / "costs.json").read_text())
-        part = part_choice if args.part == "choice" else part_answers
+        part = {"choice": part_choice, "answers": part_answers, "scoring": part_scoring}[args.part]
         part(args, parent, library, scores, costs, answers_of(args))
     elif args.part == "healed":
         part_healed(args, parent)

@@ -65,8 +65,11 @@ def test_in_context_cost_is_the_kl_given_back_by_restoring_that_layer(teacher, l
 def test_in_context_costs_refuse_a_child_of_another_depth(teacher, chunks):
     from helpers import random_model
 
-    with pytest.raises(TesseraError, match="parent's layers"):
-        in_context_costs(teacher, random_model(tiny_arch(layers=2, heads=4, kv_heads=2, ffn=64)), chunks[:2], [0])
+    shallow = random_model(tiny_arch(layers=2, heads=4, kv_heads=2, ffn=64))
+    with pytest.raises(TesseraError, match="its layers"):
+        in_context_costs(teacher, shallow, chunks[:2], [0])
+    total, costs = in_context_costs(teacher, shallow, chunks[:2], [])  # the KL alone: any depth
+    assert costs == {} and total == pytest.approx(kl_mean(teacher, shallow, chunks[:2]), rel=1e-4)
 
 
 def _problem(library, speedup=1.3):

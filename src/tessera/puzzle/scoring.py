@@ -252,11 +252,13 @@ def in_context_costs(parent: Transformer, child: Transformer, data: DataSplit | 
     block there: the child's KL minus the KL of the child with that one layer replaced by the parent's layer.
     Replace-1-block scores measure a block in the parent; this measures it among the child's other choices, where
     removals interact. One pass of the child on `tessera.stream`'s executor, a branch per layer (the parent's layer
-    fed the child's own input to it, the child's later layers after it), and one pass of the parent."""
+    fed the child's own input to it, the child's later layers after it), and one pass of the parent. With no
+    `layers`, only the KL (a child of any depth)."""
     from tessera.stream import Branch, Budget, run_layers
 
-    if child.arch.num_layers != parent.arch.num_layers or child.arch.vocab_size != parent.arch.vocab_size:
-        raise TesseraError("in-context costs need a child with the parent's layers and vocabulary (a Puzzle child)")
+    if child.arch.vocab_size != parent.arch.vocab_size or layers and child.arch.num_layers != parent.arch.num_layers:
+        raise TesseraError("in-context costs need a child with the parent's vocabulary and, to give layers back, its "
+                           "layers (a Puzzle child)")
     chunks, mask, _ = (data.chunks, data.mask, None) if isinstance(data, DataSplit) else (data, None, None)
     branches = [Branch(str(i), i, lambda block, x, cos, sin, i=i: parent.model.layers[i](x, cos, sin, None, None, 0))
                 for i in sorted(set(layers))]
