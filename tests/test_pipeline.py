@@ -224,7 +224,7 @@ def test_search_recipe_runs_puzzle_and_refuses_an_unreachable_speedup(tiny, tmp_
     text = tiny.read_text()
     a, b = text.index("[prune]"), text.index("[distill]")
     search = ('[search]\ntarget_speedup = {s}\ngpu = "h100"\nscenarios = ["128/128"]\nbatch = 8\n'
-              'engine = "transformers"\ncalib_samples = 4\nbld_tokens = 512\nscore_samples = 2\n')
+              'engine = "transformers"\ncalib_samples = 4\nbld_tokens = 512\nscore_samples = 2\nrefine_rounds = 2\n')
     recipe = tmp_path / "search.toml"
     body = text[:a] + "{search}" + text[b:].replace("lr = 5e-3", 'lr = 5e-3\nloss = "kl+cosine"')
     recipe.write_text(body.replace("{search}", search.format(s=50)))
@@ -237,6 +237,9 @@ def test_search_recipe_runs_puzzle_and_refuses_an_unreachable_speedup(tiny, tmp_
     cost = json.loads((out / "cost" / "result.json").read_text())
     assert cost["speedup"]["128/128"] >= 1.1  # the MIP's promise, checked by the cost stage on the saved child
     assert (out / "search" / "search.json").is_file() and (out / "distill" / "model.safetensors").is_file()
+    refined = json.loads((out / "search" / "search.json").read_text())
+    assert 1 <= len(refined["refine"]) <= 2  # [search] refine_rounds reaches the MIP stage
+    assert refined["chosen"] == min(refined["refine"], key=lambda x: x["measured"])["chosen"]
 
 
 def test_quantize_stage_writes_a_compressed_tensors_child_that_is_evaluated(tiny, tmp_path):

@@ -97,6 +97,7 @@ class SearchStage:
     bld_tokens: int = scaled("tokens", 100_000)
     score_samples: int = scaled("samples", 8)
     num_solutions: int = 1
+    refine_rounds: int = 0  # > 0: the MIP's choice refined with its measured in-context costs (tessera.puzzle.refine)
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,7 @@ def stage_search(ctx: Context) -> dict:
         costs="predicted", library=LibraryConfig(ffn_fractions=cfg.ffn_fractions, engine=cfg.engine),
         data=ctx.data_path(), seq_len=ctx.recipe.data.seq_len, calib_samples=cfg.calib_samples,
         bld_tokens=cfg.bld_tokens, score_samples=cfg.score_samples, gkd_tokens=0,
-        num_solutions=cfg.num_solutions, seed=ctx.seed)
+        num_solutions=cfg.num_solutions, refine_rounds=cfg.refine_rounds, seed=ctx.seed)
     result = run_search(ctx.parent(), scfg, work, parent_source=ctx.recipe.info.parent, progress=ctx.progress,
                         log=lambda line: ctx.echo(f"  search {line}"))
     with atomic_dir(ctx.run_dir / "search", force=True) as tmp:
