@@ -2,8 +2,9 @@
 
 Replace-1-block scores measure one block at a time in the parent, and the MIP adds them up. On a small parent
 that sum misjudges a child once many blocks change, because removals interact: at 1.5x decode speed-up on
-SmolLM2-135M the MIP's child (summed text + answer score 4.39) measures 5.01 on the same scoring data, while
-ShortGPT's child of the same speed (summed 6.87) measures 4.53 (docs/results.md). `refine` closes the loop:
+SmolLM2-135M the MIP's child (summed text + answer score 4.39) measures 5.01 on the same scoring data, and
+ShortGPT's child of the same speed, whose dropped layers' scores add up to more, measures 4.53 (docs/results.md,
+`benchmarks/puzzle_probe.py --part scoring`). `refine` closes the loop:
 
     round r:  solve the MIP on the scores, every variant's score in layer l scaled by the layer's factor f_l
               (1 to begin with), and each pair measured in an earlier round scored at its measured cost;
@@ -17,8 +18,8 @@ A layer whose change costs more among the child's other changes than alone in th
 so the next MIP changes it less. The factor multiplies every variant of the layer (the parent's own sub-blocks
 score 0 either way), so one measurement per layer corrects the layer's whole row; by default it only ever raises
 a row (lo = 1): a mild change that costs less in context says little about a drastic one in the same layer, and
-scaling such rows down makes the rounds oscillate (docs/results.md). The measured pair itself keeps its measured
-cost, lower or higher. Costs, constraints, exclusions and engine rules are the MIP's own: every round's child
+scaling such rows down made the rounds oscillate in a trial on the default parent. The measured pair itself keeps
+its measured cost, lower or higher. Costs, constraints, exclusions and engine rules are the MIP's own: every round's child
 meets them.
 
 Public API:
