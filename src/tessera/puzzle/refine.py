@@ -19,8 +19,8 @@ so the next MIP changes it less. The factor multiplies every variant of the laye
 score 0 either way), so one measurement per layer corrects the layer's whole row; by default it only ever raises
 a row (lo = 1): a mild change that costs less in context says little about a drastic one in the same layer, and
 scaling such rows down made the rounds oscillate in a trial on the default parent. The measured pair itself keeps
-its measured cost, lower or higher. Costs, constraints, exclusions and engine rules are the MIP's own: every round's child
-meets them.
+its measured cost, lower or higher. Costs, constraints, exclusions and engine rules are the MIP's own: every
+round's child meets them.
 
 Public API:
 
