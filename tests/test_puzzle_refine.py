@@ -72,6 +72,15 @@ def test_in_context_costs_refuse_a_child_of_another_depth(teacher, chunks):
     assert costs == {} and total == pytest.approx(kl_mean(teacher, shallow, chunks[:2]), rel=1e-4)
 
 
+def test_in_context_costs_refuse_a_streamed_parent(teacher, chunks, tmp_path):
+    import tessera
+    from tessera.stream import open_streamed
+
+    streamed = open_streamed(tessera.save(teacher, tmp_path / "m"), with_tokenizer=False)
+    with pytest.raises(TesseraError, match="in memory"):
+        in_context_costs(streamed, teacher, chunks[:2], [1])
+
+
 def _problem(library, speedup=1.3):
     costs = predicted_costs(library.arch, [v for lv in library.layers for v in lv.all], Target("h100", "bf16", "64/64"))
     scores = {}

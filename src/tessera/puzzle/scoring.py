@@ -254,12 +254,15 @@ def in_context_costs(parent: Transformer, child: Transformer, data: DataSplit | 
     removals interact. One pass of the child on `tessera.stream`'s executor, a branch per layer (the parent's layer
     fed the child's own input to it, the child's later layers after it), and one pass of the parent. With no
     `layers`, only the KL (a child of any depth)."""
-    from tessera.stream import Branch, Budget, run_layers
+    from tessera.stream import Branch, Budget, is_streamed, run_layers
 
     if child.arch.vocab_size != parent.arch.vocab_size or layers and child.arch.num_layers != parent.arch.num_layers:
         raise TesseraError("in-context costs need a child with the parent's vocabulary and, to give layers back, its "
                            "layers (a Puzzle child)")
-    chunks, mask, _ = (data.chunks, data.mask, None) if isinstance(data, DataSplit) else (data, None, None)
+    if is_streamed(parent) or is_streamed(child):
+        raise TesseraError("in-context costs (refinement) need the parent and the child in memory, not streamed "
+                           "layer by layer; leave --refine-rounds at 0 for a parent larger than memory")
+    chunks, mask = (data.chunks, data.mask) if isinstance(data, DataSplit) else (data, None)
     branches = [Branch(str(i), i, lambda block, x, cos, sin, i=i: parent.model.layers[i](x, cos, sin, None, None, 0))
                 for i in sorted(set(layers))]
     fwd = run_layers(child, chunks, batch_size=batch_size, branches=branches, budget=budget or Budget())
