@@ -253,3 +253,22 @@ def test_score_on_the_answers_of_task_items(parent_dir, data_file, tmp_path, mon
     assert_one_line_error(cli("puzzle", "score", lib, "--out", tmp_path / "s2", "--tasks", "qa:5", *d),
                           "write TASK:START-STOP")
     assert not (tmp_path / "s2").exists()
+
+
+def test_refinement_refuses_scores_whose_tokens_cannot_be_rebuilt(parent_dir, data_file, tmp_path):
+    """The MIP stage measures refined children on the scores' own tokens, rebuilt from their settings: if the text
+    changed since scoring, one line says so (and nothing is written)."""
+    from tessera.puzzle.run import scores_data, stage_library, stage_mip, stage_score
+
+    cfg = _cfg(data_file, bld_tokens=0, refine_rounds=2)
+    parent = tessera.load(parent_dir)
+    library = stage_library(parent, str(parent_dir), cfg, tmp_path / "lib")
+    stage_score(library, parent, cfg, tmp_path / "scores", progress=False)
+    assert scores_data(tmp_path / "scores", parent).record() == json.loads(
+        (tmp_path / "scores" / STAGE_FILE).read_text())["data"]
+    data_file.write_text(data_file.read_text().replace("w1", "w2"))
+    with pytest.raises(TesseraError, match="cannot be rebuilt here"):
+        stage_mip(tmp_path / "scores", cfg, tmp_path / "mip", parent=parent)
+    with pytest.raises(TesseraError, match="give the parent"):
+        stage_mip(tmp_path / "scores", cfg, tmp_path / "mip")
+    assert not (tmp_path / "mip").exists()
