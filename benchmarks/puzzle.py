@@ -51,7 +51,7 @@ from tessera.puzzle.run import (
     compute_costs,
     load_library,
     load_scores_stage,
-    scoring_data,
+    scores_data,
     stage_bld,
     stage_library,
     stage_score,
@@ -368,8 +368,8 @@ def build(args) -> None:
     if args.refine_rounds:  # the child's in-context costs on the data the scores were measured on
         from tessera.puzzle.refine import child_measure
 
-        measure = child_measure(parent, library, [scoring_data(parent, replace(cfg, score_tasks=()))]
-                                + ([scoring_data(parent, cfg)] if args.score_tasks else []))
+        dirs = ["scores"] + (["scores_answers"] if args.score_tasks else [])
+        measure = child_measure(parent, library, [scores_data(args.out / d, parent) for d in dirs])
     for s in args.speedups:
         def mip(table, pairs=None, s=s):
             return solve(table, costs, [Constraint("speedup", s, phase="decode")],

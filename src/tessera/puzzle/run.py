@@ -329,8 +329,8 @@ def stage_mip(scores_dir: str | Path, cfg: SearchConfig, out: str | Path, *, for
         raise TesseraError("refining the MIP's choice measures its children: give the parent")
     costs = costs or compute_costs(library, cfg, progress)
 
-    def mip(scores, pair_scores=None, num_solutions=cfg.num_solutions):
-        return solve(scores, costs, cfg.constraints, num_solutions=num_solutions, engine=cfg.library.engine,
+    def mip(scores, pair_scores=None):
+        return solve(scores, costs, cfg.constraints, num_solutions=cfg.num_solutions, engine=cfg.library.engine,
                      exclude=library.pair_exclusion_keys(), pair_scores=pair_scores)
 
     refined = {}
@@ -338,7 +338,7 @@ def stage_mip(scores_dir: str | Path, cfg: SearchConfig, out: str | Path, *, for
         from tessera.puzzle.refine import child_measure, refine
 
         data = scores_data(scores_dir, parent)
-        best, history = refine(table.kl, lambda s, p: mip(s, p, 1)[0], child_measure(parent, library, [data]),
+        best, history = refine(table.kl, lambda s, p: mip(s, p)[0], child_measure(parent, library, [data]),
                                rounds=cfg.refine_rounds)
         solutions = [best]
         refined = {"refine": [r.as_dict() for r in history]}
