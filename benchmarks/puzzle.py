@@ -20,8 +20,9 @@ measured on the scoring data (its KL, and the in-context cost of each layer it c
 that layer alone gets the parent's block), each layer's scores are rescaled by in-context cost / summed score, and
 the MIP is solved again, up to N rounds; the child with the lowest measured KL is built.
 
-All children are healed by global distillation with the same token budget, lr and batch (Puzzle and Minitron:
-KL + cosine on every layer's output; ShortGPT, which has fewer layers: KL + cosine on the final hidden state),
+All children are healed by global distillation with the same token budget, lr and batch (by default Puzzle and
+Minitron: KL + cosine on every layer's output; ShortGPT, which has fewer layers: KL + cosine on the final hidden
+state; --gkd-loss kl or kl+cosine gives every child that one loss),
 then measured: decode speed-up over the parent at batch 1 and 8 (`tessera.bench`), KLD to the parent on the
 reporting split, accuracy on shared bench tasks (mean and standard error). Prints markdown tables and the wall
 time of each stage; writes results.json and frontier plots to --out.
@@ -145,6 +146,11 @@ def seed_baselines(args) -> None:
     if differ:
         raise SystemExit(f"--baselines-from {src}: its {', '.join(differ)} differ from this run's; rerun with the "
                          "same settings or drop --baselines-from")
+    wrong = sorted({f"{r['method']} ({r['gkd']['loss']})" for r in old["rows"] if r["method"] != "puzzle"
+                    and r["target"] in args.speedups and r["gkd"]["loss"] != gkd_loss(args, r["method"])})
+    if wrong:
+        raise SystemExit(f"--baselines-from {src}: its {', '.join(wrong)} children were healed with another loss than "
+                         "this run's --gkd-loss gives them; rerun with the same --gkd-loss or drop --baselines-from")
     results = _results(args)
     if results["rows"]:
         return
@@ -189,6 +195,14 @@ def baseline_shapes(costs: CostTable, speedup: float, parent_arch) -> dict:
     return {"minitron_ffn": width, "minitron_reachable": reachable,
             "minitron_predicted": parent_total / (fixed + L * (attn + ffn_decode_time(costs, width))),
             "shortgpt_layers": keep, "shortgpt_predicted": parent_total / (fixed + keep * layer)}
+
+
+def gkd_loss(args, method: str) -> str:
+    """The healing loss of a method's children: --gkd-loss, or with auto KL + cosine on every layer's output where
+    the child keeps the parent's depth and on the final hidden state where it has fewer layers (ShortGPT)."""
+    if args.gkd_loss != "auto":
+        return args.gkd_loss
+    return "kl+cosine" if method == "shortgpt" else "kl+cosine-layers"
 
 
 def heal(parent, child, train, held, args, loss: str):
@@ -264,6 +278,9 @@ def main() -> None:
                     help="reuse the parent accuracy, Minitron / ShortGPT children and their timings of an earlier "
                          "--out with the same healing, evaluation and timing settings")
     ap.add_argument("--gkd-tokens", type=int, default=16384, help="global distillation tokens per child (all alike)")
+    ap.add_argument("--gkd-loss", choices=("auto", "kl", "kl+cosine"), default="auto",
+                    help="auto: KL + cosine on every layer's output where the child has the parent's depth, on the "
+                         "final hidden state where it has fewer layers; kl / kl+cosine: that loss for every child")
     ap.add_argument("--gkd-dtype", choices=("fp32", "bf16"), default="fp32",
                     help="distillation compute dtype (bf16: autocast, fp32 master weights; ~2x faster on a CPU "
                          "with AVX512-BF16)")
@@ -389,15 +406,15 @@ def build(args) -> None:
         makers = {
             "puzzle": (lambda sol=sol: assemble(parent, library, sol.layers,
                                                 weights=lambda i, v: variant_state(library, parent, i, v)),
-                       "kl+cosine-layers", sol.totals[f"speedup[{scenario},decode]"]),
+                       sol.totals[f"speedup[{scenario},decode]"]),
             "minitron": (lambda w=shapes["minitron_ffn"]: prune(parent, imp, PruneTarget(ffn=w)),
-                         "kl+cosine-layers", shapes["minitron_predicted"]),
-            "shortgpt": (lambda n=shapes["shortgpt_layers"]: shortgpt(parent, imp, n), "kl+cosine",
-                         shapes["shortgpt_predicted"]),
+                         shapes["minitron_predicted"]),
+            "shortgpt": (lambda n=shapes["shortgpt_layers"]: shortgpt(parent, imp, n), shapes["shortgpt_predicted"]),
         }
-        for name, (make, loss, predicted) in makers.items():
+        for name, (make, predicted) in makers.items():
             if (s, name) in done or name not in args.methods:
                 continue
+            loss = gkd_loss(args, name)
             child = timed("assemble / prune", make)
             kld_before = mean_kld(parent, child, report.chunks, parent_logits=ref).kld
             child, gkd = timed("gkd", lambda c=child, lo=loss: heal(parent, c, calibration.chunks, held.chunks, args,

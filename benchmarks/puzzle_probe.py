@@ -145,24 +145,18 @@ def part_choice(args, parent, library, scores, costs, answers) -> None:
               flush=True)
 
 
-@torch.inference_mode()
 def part_answers(args, parent, library, scores, costs, answers) -> None:
-    from tessera.evaluate import parent_logits_for
-    from tessera.evaluate.kld import kl_per_token
     from tessera.evaluate.tasks import answer_split, parse_item_spans
+    from tessera.puzzle.scoring import in_context_costs
 
     spans = parse_item_spans(args.answer_items)
     data = {t: answer_split(parent.tokenizer, {t: span}, 256) for t, span in spans.items()}
-    ref = {t: parent_logits_for(parent, d.chunks) for t, d in data.items()}
     print(f"\n{args.speedup:g}x, before GKD: KL to the parent on the answer tokens of "
           + ", ".join(f"{d.source} ({int(d.mask.sum())} positions)" for d in data.values()) + "\n")
     print("| choice | " + " | ".join(data) + " |\n|---|" + "---:|" * len(data))
     for how in args.choices:
         child = choose(how, parent, library, scores, costs, args.speedup, answers)[0]
-        kl = []
-        for t, d in data.items():
-            per = torch.cat([kl_per_token(p, q) for p, q in child_batches(ref[t], child, d.chunks)])
-            kl.append(per[d.mask].mean().item())
+        kl = [in_context_costs(parent, child, d, [])[0] for d in data.values()]  # the masked positions' mean KL
         print(f"| {how} | " + " | ".join(f"{x:.3f}" for x in kl) + " |", flush=True)
 
 

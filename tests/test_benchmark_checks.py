@@ -47,7 +47,8 @@ def _puzzle_args(out, src, **over):
     import argparse
 
     args = dict(gkd_tokens=131072, gkd_dtype="bf16", lr=2e-4, batch=8, limit=500, seq_len=256, report_samples=8,
-                scenario="32/32", batches=[1, 8], reps=3, calib_samples=64, gkd_data="corpus", speedups=[1.25, 1.5],
+                scenario="32/32", batches=[1, 8], reps=3, calib_samples=64, gkd_data="corpus", gkd_loss="auto",
+                speedups=[1.25, 1.5],
                 out=out, baselines_from=src)
     args.update(over)
     return argparse.Namespace(**args)
@@ -55,7 +56,8 @@ def _puzzle_args(out, src, **over):
 
 def test_puzzle_reuses_only_the_baselines_of_a_run_with_the_same_settings(tmp_path):
     """`benchmarks/puzzle.py --baselines-from`: the parent accuracy, the Minitron / ShortGPT rows of the asked
-    speed-ups, the cost table and those rows' timings come over; Puzzle rows never do; other settings are refused."""
+    speed-ups, the cost table and those rows' timings come over; Puzzle rows never do; other settings, or baselines
+    healed with another loss than this run's --gkd-loss gives them, are refused."""
     import json
 
     from puzzle import _write, seed_baselines
@@ -63,7 +65,8 @@ def test_puzzle_reuses_only_the_baselines_of_a_run_with_the_same_settings(tmp_pa
     src, out = tmp_path / "old", tmp_path / "new"
     src.mkdir(), out.mkdir()
     old = _puzzle_args(src, None, speedups=[1.25, 1.5, 2.0])
-    rows = [{"target": s, "method": m, "path": f"{src}/{m}-{s}"} for s in (1.25, 1.5, 2.0)
+    auto = {"puzzle": "kl+cosine-layers", "minitron": "kl+cosine-layers", "shortgpt": "kl+cosine"}
+    rows = [{"target": s, "method": m, "path": f"{src}/{m}-{s}", "gkd": {"loss": auto[m]}} for s in (1.25, 1.5, 2.0)
             for m in ("puzzle", "minitron", "shortgpt")]
     _write(old, {"rows": rows, "parent": {"accuracy": {"average": 0.4}}})
     (src / "costs.json").write_text('{"costs": 1}')
@@ -72,7 +75,11 @@ def test_puzzle_reuses_only_the_baselines_of_a_run_with_the_same_settings(tmp_pa
     with pytest.raises(SystemExit, match="its gkd_tokens, limit, gkd_data differ"):
         seed_baselines(_puzzle_args(out, src, gkd_tokens=16384, limit=200, gkd_data="mix"))
     assert not (out / "results.json").exists()
-
+    with pytest.raises(SystemExit, match=r"its minitron \(kl\+cosine-layers\) children were healed with another loss"):
+        seed_baselines(_puzzle_args(out, src, gkd_loss="kl+cosine"))  # ShortGPT's were: that alone would pass
+    with pytest.raises(SystemExit, match=r"minitron \(kl\+cosine-layers\), shortgpt \(kl\+cosine\) children"):
+        seed_baselines(_puzzle_args(out, src, gkd_loss="kl"))
+    assert not (out / "results.json").exists()
     seed_baselines(_puzzle_args(out, src))
     got = json.loads((out / "results.json").read_text())
     assert got["parent"]["accuracy"]["average"] == 0.4 and got["baselines_from"] == str(src)

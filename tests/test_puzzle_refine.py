@@ -95,10 +95,10 @@ def _problem(library, speedup=1.3):
 def _true_measure(scores, weights):
     """A child whose layer l costs weights[l] x its summed score (removals that interact, per layer)."""
 
-    def measure(solution):
+    def measure(solution, layers=True):
         costs = {i: weights.get(i, 1.0) * (scores[(i, a)] + scores[(i, f)]) for i, (a, f) in enumerate(solution.keys)
                  if scores[(i, a)] + scores[(i, f)] > 0}
-        return sum(costs.values()), costs
+        return sum(costs.values()), costs if layers else {}
 
     return measure
 
@@ -110,7 +110,11 @@ def test_refinement_moves_away_from_layers_that_cost_more_in_the_child(library):
     assert changed and len(changed) < library.arch.num_layers
     weights = dict.fromkeys(changed, 3.0)  # the first choice's layers cost three times their scores in context
     measure = _true_measure(scores, weights)
-    best, history = refine(scores, mip, measure, rounds=4)
+    asked = []
+    best, history = refine(scores, mip, lambda sol, layers: asked.append(layers) or measure(sol, layers), rounds=4)
+    # every round but the last measures the changed layers; the last one's costs would go unused
+    assert asked == [True] * (len(history) - 1) + [len(history) < 4]
+    assert all(r.costs for r in history[:-1]) and (history[-1].costs == {}) == (len(history) == 4)
     assert history[0].solution.keys == first.keys and history[0].factors == {}
     assert history[1].factors == {i: pytest.approx(3.0) for i in changed}  # learnt from round 0's measurement
     assert measure(best)[0] < measure(first)[0] - 1e-6  # strictly better in truth
@@ -136,6 +140,7 @@ def test_refinement_measures_a_library_child(teacher, library, chunks):
     total, costs = measure(sol)
     child = assemble(teacher, library, sol.layers)
     assert total == pytest.approx(kl_mean(teacher, child, chunks[:4]) + kl_mean(teacher, child, chunks[4:8]), rel=1e-4)
+    assert measure(sol, False) == (pytest.approx(total, rel=1e-6), {})  # the child's KL alone
     own = [tuple(v.key for v in parent_variants(teacher.arch, i)) for i in range(teacher.arch.num_layers)]
     assert set(costs) == {i for i, k in enumerate(sol.keys) if tuple(k) != own[i]}
 

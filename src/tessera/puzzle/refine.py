@@ -12,7 +12,8 @@ ShortGPT's child of the same speed, whose dropped layers' scores add up to more,
               changes, the in-context cost c_l of that layer's choice (the KL it loses when that layer alone gets
               the parent's block back: `tessera.puzzle.scoring.in_context_costs`);
               pair cost of (l, choice) <- c_l;  f_l <- clip(c_l / (the layer's summed score of that choice), lo, hi)
-    until `rounds` rounds have run or a choice repeats; the child with the lowest measured KL is kept.
+    until `rounds` rounds have run or a choice repeats; the child with the lowest measured KL is kept. The last
+    round measures only the child's KL: no round follows to use its in-context costs (they are ~80 % of a round).
 
 A layer whose change costs more among the child's other changes than alone in the parent gets its row scaled up,
 so the next MIP changes it less. The factor multiplies every variant of the layer (the parent's own sub-blocks
@@ -25,7 +26,9 @@ round's child meets them.
 Public API:
 
     refine(scores, solve_with, measure, rounds=3) -> (Solution, [Round])   the loop, on any solver and measurement
-                                        (`solve_with(scores, pair_scores)`: the MIP, e.g. `tessera.puzzle.mip.solve`)
+                                        (`solve_with(scores, pair_scores)`: the MIP, e.g. `tessera.puzzle.mip.solve`;
+                                        `measure(solution, layers)`: the child's KL and, if `layers`, the in-context
+                                        cost of each layer it changes)
     child_measure(parent, library, data) -> measure                        the measurement of a library's child
 """
 
@@ -38,7 +41,7 @@ from typing import Any
 from tessera.errors import TesseraError
 from tessera.puzzle.mip import Solution
 
-Measure = Callable[[Solution], tuple[float, dict[int, float]]]
+Measure = Callable[[Solution, bool], tuple[float, dict[int, float]]]
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class Round:
     solution: Solution  # its objective is the MIP's, on the scaled scores
     summed: float  # the child's summed replace-1-block score (unscaled)
     measured: float  # the child's KL to the parent on the scoring data
-    costs: dict[int, float]  # in-context cost of each changed layer's choice
+    costs: dict[int, float]  # in-context cost of each changed layer's choice (the last round: none measured)
     factors: dict[int, float]  # the layer factors this round's MIP solved with (layers not listed: 1)
 
     def as_dict(self) -> dict[str, Any]:
@@ -64,8 +67,8 @@ def refine(scores: Mapping[tuple[int, str], float], solve_with: Callable[[Mappin
            measure: Measure, *, rounds: int = 3, clip: tuple[float, float] = (1.0, 4.0)) -> tuple[Solution, list[Round]]:
     """The best measured child over up to `rounds` MIP solutions, each solved on the scores rescaled by the
     previous children's in-context costs (module doc). `solve_with(scores, pair_scores)` is the MIP (constraints
-    and all; `pair_scores` as `tessera.puzzle.mip.solve` takes them), `measure(solution)` gives (the child's KL,
-    {changed layer: in-context cost})."""
+    and all; `pair_scores` as `tessera.puzzle.mip.solve` takes them), `measure(solution, layers)` gives (the
+    child's KL, {changed layer: in-context cost} or, when `layers` is false, {})."""
     if rounds < 1:
         raise TesseraError(f"refinement rounds must be >= 1, got {rounds}")
     lo, hi = clip
@@ -75,13 +78,13 @@ def refine(scores: Mapping[tuple[int, str], float], solve_with: Callable[[Mappin
     pairs: dict[tuple[int, str, str], float] = {}
     history: list[Round] = []
     seen: set[tuple] = set()
-    for _ in range(rounds):
+    for r in range(rounds):
         solution = solve_with(scaled(scores, factors), dict(pairs))
         keys = tuple(solution.keys)
         if keys in seen:
             break
         seen.add(keys)
-        measured, costs = measure(solution)
+        measured, costs = measure(solution, r < rounds - 1)  # the last round's costs would go unused
         summed = sum(scores[(i, a)] + scores[(i, f)] for i, (a, f) in enumerate(keys))
         history.append(Round(solution, summed, measured, dict(costs), dict(factors)))
         for layer, cost in costs.items():
@@ -96,7 +99,7 @@ def child_measure(parent, library, data: Sequence, *, batch_size: int = 8) -> Me
     """`measure` for `refine`: assemble the solution's child from the library's trained variants and sum its KL
     and its layers' in-context costs over the data sets (e.g. the selection split and the answers of held-out task
     items, the data the scores were measured on). Layers where the child keeps the parent's block are not
-    measured (they cost nothing)."""
+    measured (they cost nothing); with `layers` false, none are (the child's KL only)."""
     from tessera.puzzle.assemble import assemble
     from tessera.puzzle.bld import variant_state
     from tessera.puzzle.library import parent_variants
@@ -104,10 +107,10 @@ def child_measure(parent, library, data: Sequence, *, batch_size: int = 8) -> Me
 
     own = [tuple(v.key for v in parent_variants(library.arch, i)) for i in range(library.arch.num_layers)]
 
-    def measure(solution: Solution) -> tuple[float, dict[int, float]]:
+    def measure(solution: Solution, layers: bool = True) -> tuple[float, dict[int, float]]:
         child = assemble(parent, library, solution.layers,
                          weights=lambda i, v: variant_state(library, parent, i, v))
-        changed = [i for i, k in enumerate(solution.keys) if tuple(k) != own[i]]
+        changed = [i for i, k in enumerate(solution.keys) if tuple(k) != own[i]] if layers else []
         total, costs = 0.0, dict.fromkeys(changed, 0.0)
         for d in data:
             kl, per = in_context_costs(parent, child, d, changed, batch_size=batch_size)
