@@ -48,8 +48,7 @@ def _puzzle_args(out, src, **over):
 
     args = dict(gkd_tokens=131072, gkd_dtype="bf16", lr=2e-4, batch=8, limit=500, seq_len=256, report_samples=8,
                 scenario="32/32", batches=[1, 8], reps=3, calib_samples=64, gkd_data="corpus", gkd_loss="auto",
-                speedups=[1.25, 1.5],
-                out=out, baselines_from=src)
+                speedups=[1.25, 1.5], out=out, baselines_from=src)
     args.update(over)
     return argparse.Namespace(**args)
 
