@@ -200,9 +200,11 @@ def baseline_shapes(costs: CostTable, speedup: float, parent_arch) -> dict:
 def gkd_loss(args, method: str) -> str:
     """The healing loss of a method's children: --gkd-loss, or with auto KL + cosine on every layer's output where
     the child keeps the parent's depth and on the final hidden state where it has fewer layers (ShortGPT)."""
+    from tessera.puzzle.assemble import GKD_LOSS  # Puzzle's own healing loss (KL + every layer's cosine)
+
     if args.gkd_loss != "auto":
         return args.gkd_loss
-    return "kl+cosine" if method == "shortgpt" else "kl+cosine-layers"
+    return "kl+cosine" if method == "shortgpt" else GKD_LOSS
 
 
 def heal(parent, child, train, held, args, loss: str):
