@@ -24,8 +24,10 @@ All children are healed by global distillation with the same token budget, lr an
 Minitron: KL + cosine on every layer's output; ShortGPT, which has fewer layers: KL + cosine on the final hidden
 state; --gkd-loss kl or kl+cosine gives every child that one loss),
 then measured: decode speed-up over the parent at batch 1 and 8 (`tessera.bench`), KLD to the parent on the
-reporting split, accuracy on shared bench tasks (mean and standard error). Prints markdown tables and the wall
-time of each stage; writes results.json and frontier plots to --out.
+reporting split, accuracy on shared bench tasks (mean and standard error), and each Puzzle child minus each baseline
+of its target paired on the same reporting chunks and task items (difference and its paired standard error, which
+leaves out the variance the items share). Prints markdown tables and the wall time of each stage; writes
+results.json (with each child's per-chunk KLD and per-item outcomes) and frontier plots to --out.
 
     flock /work/bench.lock .venv/bin/python benchmarks/puzzle.py --threads 2 --out /tmp/puzzle_bench
 """
@@ -220,25 +222,44 @@ def heal(parent, child, train, held, args, loss: str):
 def kld_stats(parent, child, chunks: torch.Tensor, ref: list[torch.Tensor], batch_size: int = 8) -> dict:
     """Mean KL(parent || child) over the reporting chunks and its standard error across chunks."""
     from tessera.evaluate import mean_kld
+    from tessera.evaluate.metrics import mean_stderr
 
     per = []
     for j in range(len(chunks)):
         logits = ref[j // batch_size][j % batch_size:j % batch_size + 1]
         per.append(mean_kld(parent, child, chunks[j:j + 1], parent_logits=[logits]).kld)
-    mean = sum(per) / len(per)
-    se = math.sqrt(sum((x - mean) ** 2 for x in per) / max(1, len(per) - 1) / len(per))
-    return {"kld": mean, "stderr": se, "chunks": len(per)}
+    mean, se = mean_stderr(per)
+    return {"kld": mean, "stderr": se, "chunks": len(per), "per_chunk": per}
+
+
+def paired(row: dict, other: dict) -> dict:
+    """`row` minus `other` measured on the same items: KLD per reporting chunk, and the average accuracy as the mean
+    over tasks of the per-item differences (tasks independent: se = sqrt(sum of squared per-task se) / tasks).
+    Empty where either row was measured before per-item outcomes were kept."""
+    from tessera.evaluate.metrics import paired_difference
+
+    out = {}
+    if "kld_per_chunk" in row and "kld_per_chunk" in other:
+        out["kld"] = paired_difference(row["kld_per_chunk"], other["kld_per_chunk"])
+    a, b = row["accuracy"]["tasks"], other["accuracy"]["tasks"]
+    if all("samples" in a[t] and "samples" in b.get(t, {}) for t in a):
+        per = {t: paired_difference(a[t]["samples"], b[t]["samples"]) for t in a}
+        out["tasks"] = per
+        out["average"] = (sum(d for d, _ in per.values()) / len(per),
+                          math.sqrt(sum(se ** 2 for _, se in per.values())) / len(per))
+    return out
 
 
 def accuracy(model, limit: int) -> dict:
     from tessera.evaluate import evaluate_tasks
     from tessera.evaluate.table import primary_metric
 
-    res = evaluate_tasks(model, TASKS, limit=limit, progress=False, use_cache=False)
+    res = evaluate_tasks(model, TASKS, limit=limit, progress=False, use_cache=False, log_samples=True)
     per = {}
     for t in TASKS:
         m = primary_metric(t, res[t])
-        per[t] = {"metric": m, "acc": res[t][m], "stderr": res[t].get(f"{m}_stderr", float("nan")), "n": res[t]["n"]}
+        per[t] = {"metric": m, "acc": res[t][m], "stderr": res[t].get(f"{m}_stderr", float("nan")), "n": res[t]["n"],
+                  "samples": [o[m] for o in res[t]["samples"]]}
     mean = sum(p["acc"] for p in per.values()) / len(per)
     se = math.sqrt(sum(p["stderr"] ** 2 for p in per.values())) / len(per)
     return {"tasks": per, "average": mean, "average_stderr": se}
@@ -430,7 +451,8 @@ def build(args) -> None:
             tessera.save(child, path, force=True)
             row = {"target": s, "method": name, "shape": shape, "params": child.arch.num_params(), "path": str(path),
                    "predicted_speedup": predicted, "kld_before": kld_before, "kld": kld["kld"],
-                   "kld_stderr": kld["stderr"], "accuracy": acc, "preserved": acc["average"] / parent_acc["average"],
+                   "kld_stderr": kld["stderr"], "kld_per_chunk": kld["per_chunk"], "accuracy": acc,
+                   "preserved": acc["average"] / parent_acc["average"],
                    "gkd": gkd, **({"refine": refined} if name == "puzzle" and refined else {})}
             results["rows"].append(row)
             _write(args, results)
@@ -553,6 +575,22 @@ def _print(rows, parent_acc, parent_speed, args) -> None:
     for r in rows:
         print(f"- {r['method']} {r['target']:g}x: " + ", ".join(
             f"{t} {100 * v['acc']:.1f} ± {100 * v['stderr']:.1f}" for t, v in r["accuracy"]["tasks"].items()))
+    print("\nPuzzle minus each baseline of the same target, paired on the same reporting chunks and task items "
+          "(difference ± paired se; z = difference / se):")
+    for r in rows:
+        for o in rows:
+            if r["method"] != "puzzle" or o["method"] == "puzzle" or o["target"] != r["target"]:
+                continue
+            d = paired(r, o)
+            cells = []
+            if "kld" in d:
+                cells.append(f"KLD {d['kld'][0]:+.3f} ± {d['kld'][1]:.3f} (z {d['kld'][0] / d['kld'][1]:+.1f})")
+            if "average" in d:
+                m, se = d["average"]
+                cells.append(f"avg acc {100 * m:+.1f} ± {100 * se:.1f} (z {m / se:+.1f}; " + ", ".join(
+                    f"{t} {100 * x:+.1f} ± {100 * e:.1f}" for t, (x, e) in d["tasks"].items()) + ")")
+            print(f"- {r['target']:g}x Puzzle - {o['method']}: " + ("; ".join(cells) or "not paired (rows from "
+                                                                      "before per-item outcomes were kept)"))
 
 
 def _plots(rows, parent_acc, args) -> None:

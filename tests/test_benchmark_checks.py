@@ -86,3 +86,21 @@ def test_puzzle_reuses_only_the_baselines_of_a_run_with_the_same_settings(tmp_pa
         ("minitron", 1.25), ("minitron", 1.5), ("shortgpt", 1.25), ("shortgpt", 1.5)]
     assert (out / "costs.json").read_text() == '{"costs": 1}'
     assert set(json.loads((out / "measure.json").read_text())) == {r["path"] for r in got["rows"]}
+
+
+def test_puzzle_compares_children_item_by_item():
+    """`benchmarks/puzzle.py`'s `paired`: Puzzle minus a baseline per reporting chunk and per task item; the average's
+    difference is the mean of the task differences; rows from before per-item outcomes were kept are not paired."""
+    from puzzle import paired
+
+    def row(kld, tasks):
+        return {"kld_per_chunk": kld, "accuracy": {"tasks": {t: {"samples": s} for t, s in tasks.items()}}}
+
+    a = row([0.5, 0.6, 0.7], {"x": [1, 1, 0, 1], "y": [0, 1, 1, 1]})
+    b = row([0.6, 0.8, 0.7], {"x": [1, 0, 0, 1], "y": [0, 1, 1, 1]})
+    d = paired(a, b)
+    assert d["kld"][0] == pytest.approx(-0.1) and d["kld"][1] > 0
+    assert d["tasks"]["x"][0] == pytest.approx(0.25) and d["tasks"]["y"] == (0.0, 0.0)
+    assert d["average"][0] == pytest.approx(0.125) and d["average"][1] == pytest.approx(d["tasks"]["x"][1] / 2)
+    old = {"accuracy": {"tasks": {"x": {"acc": 0.5}, "y": {"acc": 0.5}}}}
+    assert paired(a, old) == {}

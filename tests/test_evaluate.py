@@ -8,7 +8,7 @@ from helpers import random_model, tiny_arch, tiny_tokenizer
 from tessera.errors import TesseraError
 from tessera.evaluate import accuracy_preserved, evaluate_tasks, mean_kld, render_preserved_markdown
 from tessera.evaluate.harness import TesseraLM
-from tessera.evaluate.metrics import aggregate, extract_number, item_outcome, mean_stderr
+from tessera.evaluate.metrics import aggregate, extract_number, item_outcome, mean_stderr, paired_difference
 from tessera.evaluate.perplexity import rolling_nll
 from tessera.evaluate.scoring import Score, Scorer
 from tessera.evaluate.tasks import Item, load_gsm8k, mmlu_prompt
@@ -177,6 +177,16 @@ def test_kld_zero_for_identical_and_matches_formula(model):
     assert r.kld == pytest.approx((p.exp() * (p - q)).sum(-1).mean().item(), rel=1e-5)
 
 
+def test_paired_difference_leaves_out_what_the_items_share():
+    a, b = [1, 1, 0, 0, 1, 0, 1, 1], [1, 0, 0, 0, 1, 0, 1, 1]  # b misses one item a gets; otherwise the same
+    diff, se = paired_difference(a, b)
+    assert diff == pytest.approx(1 / 8) and se == pytest.approx(mean_stderr([0, 1, 0, 0, 0, 0, 0, 0])[1])
+    unpaired = math.hypot(mean_stderr(a)[1], mean_stderr(b)[1])
+    assert se < unpaired / 2
+    with pytest.raises(ValueError, match="same items: 8 against 7"):
+        paired_difference(a, b[:7])
+
+
 def test_accuracy_preserved_table():
     child = {"arc_easy": {"acc_norm": 0.5, "acc": 0.6}, "boolq": {"acc": 0.6}}
     parent = {"arc_easy": {"acc_norm": 0.5, "acc": 0.7}, "boolq": {"acc": 0.8}, "mmlu": {"acc": 0.3}}
@@ -208,6 +218,22 @@ def test_cache_is_keyed_by_scoring_code_and_results_say_what_made_them(planted, 
     monkeypatch.setattr(run, "scoring_version", lambda: "changed-code")  # e.g. a fix to acc_norm
     again = evaluate_tasks(planted, [str(custom_task)], progress=False)["mine"]
     assert "cached" not in again and again["scoring_version"] == "changed-code"
+
+
+def test_log_samples_gives_each_items_outcome_and_the_cache_keeps_them(planted, custom_task, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setenv("TESSERA_HOME", str(tmp_path / "home"))
+    with torch.no_grad():
+        planted.lm_head.weight[FAVOURITE - 4, 0] = -3.0  # " w{FAVOURITE-4}" no longer wins: items differ
+    plain = evaluate_tasks(planted, [str(custom_task)], progress=False)["mine"]
+    assert "samples" not in plain
+    logged = evaluate_tasks(planted, [str(custom_task)], progress=False, log_samples=True)["mine"]
+    assert "cached" not in logged  # the plain entry has no samples: scored again
+    acc = [o["acc"] for o in logged["samples"]]
+    assert len(acc) == 4 and sum(acc) / 4 == pytest.approx(logged["acc"]) and acc[:3] == [acc[0]] * 3
+    again = evaluate_tasks(planted, [str(custom_task)], progress=False, log_samples=True)["mine"]
+    assert again["cached"] and [o["acc"] for o in again["samples"]] == acc
+    assert "samples" not in evaluate_tasks(planted, [str(custom_task)], progress=False)["mine"]
 
 
 def test_custom_task_end_to_end_and_cache(planted, custom_task, tmp_path, monkeypatch):

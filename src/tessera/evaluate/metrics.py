@@ -6,6 +6,8 @@
 * truthfulqa mc1: acc with the best answer as choice 0; mc2: normalised probability mass on true answers.
 * lambada: acc = the continuation is the greedy completion; perplexity = exp(-mean loglikelihood).
 * Standard error of a mean: sample standard deviation / sqrt(n) (lm-eval's `mean_stderr`).
+* Two models on the same items: the mean of the per-item differences and its standard error (the paired se), which
+  leaves out the variance the items share and so is smaller than the two models' own se combined.
 """
 
 from __future__ import annotations
@@ -61,6 +63,13 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
         return mean, float("nan")
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean of a_i - b_i over items both models were scored on, in the same order, and its standard error."""
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes need the same items: {len(a)} against {len(b)}")
+    return mean_stderr([x - y for x, y in zip(a, b)])
 
 
 def aggregate(items: Sequence[Item], outcomes: Sequence[dict[str, float]], metrics: Sequence[str] | None = None) -> dict:

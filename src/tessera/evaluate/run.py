@@ -107,8 +107,11 @@ def generate_items(model: Transformer, items: list[Item], batch_size: int, max_n
 
 
 def evaluate_tasks(model: Transformer, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
-                   data_dir=None, use_cache: bool = True, progress: bool = True) -> dict[str, dict]:
-    """Metrics per task: acc (+ acc_norm where defined) with stderr, n and wall seconds."""
+                   data_dir=None, use_cache: bool = True, progress: bool = True,
+                   log_samples: bool = False) -> dict[str, dict]:
+    """Metrics per task: acc (+ acc_norm where defined) with stderr, n and wall seconds. With `log_samples` (lm-eval's
+    `--log_samples`), also each item's outcome in item order under "samples", so two models scored on the same
+    items can be compared item by item (`tessera.evaluate.metrics.paired_difference`)."""
     from tessera.checkpoint import fingerprint
 
     root = bench_dir(data_dir)
@@ -122,8 +125,12 @@ def evaluate_tasks(model: Transformer, tasks: list[str], *, limit: int | None = 
         for task in specs:
             path = cache_path(fp, task, limit, root) if use_cache else None
             if path is not None and path.is_file():
-                results[task.name] = json.loads(path.read_text()) | {"cached": True}
-                continue
+                cached = json.loads(path.read_text())
+                if not log_samples or "samples" in cached:
+                    if not log_samples:
+                        cached.pop("samples", None)
+                    results[task.name] = cached | {"cached": True}
+                    continue
             items = load_items(task, root, limit)
             task_id = bar.add_task(task.name, total=len(items), rate="")
             t0 = time.perf_counter()
@@ -139,6 +146,8 @@ def evaluate_tasks(model: Transformer, tasks: list[str], *, limit: int | None = 
                                                                   "scoring_version": scoring_version()}
             if fp:
                 metrics["model_fingerprint"] = fp
+            if log_samples:
+                metrics["samples"] = outcomes
             results[task.name] = metrics
             if path is not None:
                 atomic_write_json(path, metrics)
