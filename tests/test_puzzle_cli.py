@@ -269,6 +269,6 @@ def test_refinement_refuses_scores_whose_tokens_cannot_be_rebuilt(parent_dir, da
     data_file.write_text(data_file.read_text().replace("w1", "w2"))
     with pytest.raises(TesseraError, match="cannot be rebuilt here"):
         stage_mip(tmp_path / "scores", cfg, tmp_path / "mip", parent=parent)
-    with pytest.raises(TesseraError, match="give the parent"):
+    with pytest.raises(TesseraError, match="cannot be rebuilt here"):  # the library's recorded parent, loaded
         stage_mip(tmp_path / "scores", cfg, tmp_path / "mip")
     assert not (tmp_path / "mip").exists()

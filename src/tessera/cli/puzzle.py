@@ -234,17 +234,18 @@ def mip_cmd(scores: Path = typer.Argument(..., help="a scores directory (tessera
                                                               "library's recorded source"),
             force: bool = typer.Option(False, "--force"), as_json: bool = typer.Option(False, "--json")):
     """Stage 4: cost every variant and choose one attention and one FFN variant per layer. """ + TARGET_HELP
+    from tessera.checkpoint import load
     from tessera.io import refuse_overwrite
-    from tessera.puzzle.run import SearchConfig, load_scores_stage, stage_mip
+    from tessera.puzzle.run import SearchConfig, stage_mip
 
     constraints = _targets(target_speedup, max_memory_gb, min_throughput, phase)
     target, source = _target(gpu, device, dtype, scenario, batch)
     cfg = SearchConfig(constraints=constraints, target=target, costs=source, measure_reps=reps,
                        num_solutions=num_solutions, refine_rounds=refine_rounds)
     m = None
-    if refine_rounds:
+    if refine_rounds and parent:
         refuse_overwrite(out, force, "MIP directory")  # before loading the parent
-        m = _parent_for(load_scores_stage(scores)[1], parent)
+        m = load(parent)
     record = stage_mip(scores, cfg, out, force=force, progress=None if as_json else _say, parent=m)
     if as_json:
         echo_json({"out": str(out), **{k: record[k] for k in ("chosen", "objective", "predicted", "constraint_values",

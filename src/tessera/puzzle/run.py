@@ -312,8 +312,9 @@ def compute_costs(library: Library, cfg: SearchConfig, progress: Callable[[str],
 def stage_mip(scores_dir: str | Path, cfg: SearchConfig, out: str | Path, *, force: bool = False, costs=None,
               progress: Callable[[str], None] | None = None, parent=None) -> dict:
     """Stage 4: cost the variants and solve the MIP; writes `costs.json` and `mip.json` (atomic). Returns mip.json.
-    With `cfg.refine_rounds`, the choice is refined on the scores' own data (`tessera.puzzle.refine`; the parent is
-    needed to measure the children) and mip.json records every round under "refine"."""
+    With `cfg.refine_rounds`, the choice is refined on the scores' own data (`tessera.puzzle.refine`: the children are
+    measured against `parent`, or without it the library's recorded parent, checked against its fingerprint) and
+    mip.json records every round under "refine"."""
     from tessera.puzzle.assemble import search_record
     from tessera.puzzle.mip import solve
 
@@ -325,8 +326,8 @@ def stage_mip(scores_dir: str | Path, cfg: SearchConfig, out: str | Path, *, for
     refuse_overwrite(out, force, "MIP directory")
     t0 = time.perf_counter()
     table, library = load_scores_stage(scores_dir)
-    if cfg.refine_rounds and parent is None:
-        raise TesseraError("refining the MIP's choice measures its children: give the parent")
+    if cfg.refine_rounds:
+        parent = library.load_parent(parent)
     costs = costs or compute_costs(library, cfg, progress)
 
     def mip(scores, pair_scores=None):
