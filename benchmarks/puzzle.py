@@ -94,7 +94,7 @@ def search_stages(parent, cfg: SearchConfig, out: Path):
         ans_dir = out / "scores_answers"
         if not (ans_dir / STAGE_FILE).is_file():
             timed("score (answers)", lambda: stage_score(library, parent, cfg, ans_dir, progress=False))
-        answers, _ = load_scores_stage(ans_dir)
+        answers, _ = load_scores_stage(ans_dir, library)
         table = replace(table, kl={k: v + answers.kl[k] for k, v in table.kl.items()}, data={
             "text": table.data, "answers": answers.data})
     if cost_file.is_file():

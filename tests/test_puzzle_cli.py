@@ -272,3 +272,18 @@ def test_refinement_refuses_scores_whose_tokens_cannot_be_rebuilt(parent_dir, da
     with pytest.raises(TesseraError, match="cannot be rebuilt here"):  # the library's recorded parent, loaded
         stage_mip(tmp_path / "scores", cfg, tmp_path / "mip")
     assert not (tmp_path / "mip").exists()
+
+
+def test_a_second_score_table_of_the_same_library_reuses_it(parent_dir, data_file, tmp_path):
+    from tessera.puzzle.run import load_scores_stage, stage_library, stage_score
+
+    cfg = _cfg(data_file, bld_tokens=0)
+    parent = tessera.load(parent_dir)
+    library = stage_library(parent, str(parent_dir), cfg, tmp_path / "lib")
+    stage_score(library, parent, cfg, tmp_path / "scores", progress=False)
+    table, loaded = load_scores_stage(tmp_path / "scores")
+    assert loaded is not library and loaded.path.resolve() == library.path.resolve()
+    again, same = load_scores_stage(tmp_path / "scores", library)
+    assert same is library and again.kl == table.kl and len(table.kl) > 0
+    other = stage_library(parent, str(parent_dir), cfg, tmp_path / "lib2")
+    assert load_scores_stage(tmp_path / "scores", other)[1] is not other  # not its library: the scored one is loaded

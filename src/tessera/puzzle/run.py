@@ -281,13 +281,15 @@ def scores_data(scores_dir: str | Path, parent):
     return data
 
 
-def load_scores_stage(path: str | Path):
-    """(ScoreTable, Library) of a complete scores directory."""
+def load_scores_stage(path: str | Path, library: Library | None = None):
+    """(ScoreTable, Library) of a complete scores directory; its library is loaded unless it is `library` (a second
+    score table of the same library)."""
     from tessera.puzzle.scoring import load_scores
 
     path = Path(path).expanduser()
     stage = read_stage(path, "score")
-    library = load_library(stage["library"])
+    if library is None or Path(stage["library"]).expanduser().resolve() != Path(library.path).resolve():
+        library = load_library(stage["library"])
     if library.parent_fingerprint != stage.get("parent_fingerprint"):
         raise TesseraError(f"{path}: scored a library of another parent than {library.path} now holds; rescore it")
     table = load_scores(path)
