@@ -233,20 +233,16 @@ def kld_stats(parent, child, chunks: torch.Tensor, ref: list[torch.Tensor], batc
 
 
 def paired(row: dict, other: dict) -> dict:
-    """`row` minus `other` measured on the same items: KLD per reporting chunk, and the average accuracy as the mean
-    over tasks of the per-item differences (tasks independent: se = sqrt(sum of squared per-task se) / tasks).
-    Empty where either row was measured before per-item outcomes were kept."""
-    from tessera.evaluate.metrics import paired_difference
+    """`row` minus `other` measured on the same items: KLD per reporting chunk, accuracy per task item and its average
+    over tasks (`tessera.evaluate.metrics`). Empty where either row was measured before per-item outcomes were kept."""
+    from tessera.evaluate.metrics import paired_difference, paired_tasks
 
     out = {}
     if "kld_per_chunk" in row and "kld_per_chunk" in other:
         out["kld"] = paired_difference(row["kld_per_chunk"], other["kld_per_chunk"])
     a, b = row["accuracy"]["tasks"], other["accuracy"]["tasks"]
     if all("samples" in a[t] and "samples" in b.get(t, {}) for t in a):
-        per = {t: paired_difference(a[t]["samples"], b[t]["samples"]) for t in a}
-        out["tasks"] = per
-        out["average"] = (sum(d for d, _ in per.values()) / len(per),
-                          math.sqrt(sum(se ** 2 for _, se in per.values())) / len(per))
+        out |= paired_tasks({t: (a[t]["samples"], b[t]["samples"]) for t in a})
     return out
 
 

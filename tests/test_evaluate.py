@@ -195,6 +195,22 @@ def test_accuracy_preserved_table():
     assert table["average"]["preserved"] == pytest.approx(0.55 / 0.65)
     md = render_preserved_markdown(table)
     assert "| boolq | acc | 60.00 | 80.00 | 75.0% |" in md and "average" in md
+    assert "diff" not in table["average"] and "paired" not in md  # no per-item outcomes: no paired column
+
+
+def test_accuracy_preserved_pairs_child_and_parent_item_by_item():
+    def res(arc, boolq):
+        return {"arc_easy": {"acc_norm": sum(arc) / 4, "samples": [{"acc": 0.0, "acc_norm": v} for v in arc]},
+                "boolq": {"acc": sum(boolq) / 4, "samples": [{"acc": v} for v in boolq]}}
+
+    table = accuracy_preserved(res([1, 0, 1, 1], [1, 1, 0, 0]), res([1, 1, 1, 1], [1, 1, 0, 0]))
+    arc, boolq = table["rows"]
+    assert arc["diff"] == pytest.approx(-0.25) and arc["diff_stderr"] == pytest.approx(0.25)  # acc_norm, not acc
+    assert (boolq["diff"], boolq["diff_stderr"]) == (0.0, 0.0)
+    assert table["average"]["diff"] == pytest.approx(-0.125) and table["average"]["diff_stderr"] == pytest.approx(0.125)
+    md = render_preserved_markdown(table)
+    assert "child - parent ± se (paired) |" in md
+    assert "| arc_easy | acc_norm | 75.00 | 100.00 | 75.0% | -25.00 ± 25.00 |" in md
 
 
 @pytest.fixture
@@ -341,7 +357,8 @@ def test_eval_cli_writes_results_and_table_and_refuses_to_overwrite(planted, cus
     assert res.exit_code == 0, res.output
     payload = json.loads(out.read_text())
     assert payload["results"]["mine"]["acc"] == 1.0 and payload["preserved"]["average"]["preserved"] == 1.0
-    assert "| mine | acc_norm | 100.00 | 100.00 | 100.0% |" in out.with_suffix(".md").read_text()
+    assert "| mine | acc_norm | 100.00 | 100.00 | 100.0% | +0.00 ± 0.00 |" in out.with_suffix(".md").read_text()
+    assert "samples" not in payload["results"]["mine"] and payload["preserved"]["average"]["diff"] == 0.0
     out.write_text("keep me")
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2 and "pass --force" in res.output and out.read_text() == "keep me"

@@ -38,6 +38,7 @@ def test_report_markdown_has_every_section(run_dir):
     ev = data["evaluate"]
     row = ev["preserved"]["rows"][0]
     assert f"{100 * row['child']:.2f} ± {100 * ev['child'][row['task']]['acc_norm_stderr']:.2f}" in md
+    assert f"{100 * row['diff']:+.2f} ± {100 * row['diff_stderr']:.2f}" in md and "samples" not in ev["child"][row["task"]]
     assert data["child"]["params"] < data["parent"]["params"]
     assert [s["stage"] for s in data["stages"]] == ["parent", "prune", "export", "evaluate", "bench", "cost", "report"]
     # the tiny word-level tokenizer has no GGUF form: the export stage records why and the report says so

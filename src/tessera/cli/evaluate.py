@@ -27,7 +27,9 @@ def eval_cmd(model: str = typer.Argument(..., help="'default', a model directory
              device: str = typer.Option("auto", help=DEVICE_HELP), dtype: str = typer.Option(None, help=DTYPE_HELP),
              force: bool = typer.Option(False, "--force", help="overwrite --out"),
              as_json: bool = typer.Option(False, "--json", help="print the results as JSON instead of tables")):
-    """Accuracy on multiple-choice benchmarks (lm-eval-harness prompts), with standard errors."""
+    """Accuracy on multiple-choice benchmarks (lm-eval-harness prompts), with standard errors. With --baseline, the
+    accuracy-preserved table, and child - baseline per task with its paired standard error (both models on the same
+    items)."""
     from tessera.evaluate import DEFAULT_TASKS, accuracy_preserved, evaluate_tasks, get_task, render_preserved_markdown
     from tessera.evaluate.table import rich_preserved_table, rich_results_table
 
@@ -38,7 +40,8 @@ def eval_cmd(model: str = typer.Argument(..., help="'default', a model directory
             refuse_overwrite(out.with_suffix(".md"), force)
     for name in names:
         get_task(name)
-    kwargs = dict(limit=limit, batch_size=batch_size, data_dir=data_dir, use_cache=not no_cache, progress=not as_json)
+    kwargs = dict(limit=limit, batch_size=batch_size, data_dir=data_dir, use_cache=not no_cache, progress=not as_json,
+                  log_samples=bool(baseline))  # each item's outcome: the child - parent difference, paired
     results = evaluate_tasks(load_model(model, device, dtype), names, **kwargs)
     if not as_json:
         console.print(rich_results_table(results, title=f"{model}" + (f" (limit {limit})" if limit else "")))
@@ -48,6 +51,8 @@ def eval_cmd(model: str = typer.Argument(..., help="'default', a model directory
         table = accuracy_preserved(results, parent)
         if not as_json:
             console.print(rich_preserved_table(table, title=f"accuracy preserved: {model} vs {baseline}"))
+        for r in (*results.values(), *parent.values()):  # the table holds what they were kept for
+            r.pop("samples", None)
         payload |= {"baseline": baseline, "baseline_results": parent, "preserved": table}
         if out:
             atomic_write_text(out.with_suffix(".md"), render_preserved_markdown(table))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from tessera.evaluate.scoring import Score
 from tessera.evaluate.tasks import Item
@@ -70,6 +70,15 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, fl
     if len(a) != len(b):
         raise ValueError(f"paired outcomes need the same items: {len(a)} against {len(b)}")
     return mean_stderr([x - y for x, y in zip(a, b)])
+
+
+def paired_tasks(pairs: Mapping[str, tuple[Sequence[float], Sequence[float]]]) -> dict:
+    """`paired_difference` per task, {task: (a's outcomes, b's outcomes)}, and of the average over tasks: the mean of
+    the task differences, se = sqrt(sum of squared task se) / tasks (the tasks' items are independent)."""
+    tasks = {t: paired_difference(a, b) for t, (a, b) in pairs.items()}
+    n = len(tasks)
+    return {"tasks": tasks, "average": (sum(d for d, _ in tasks.values()) / n,
+                                        math.sqrt(sum(se ** 2 for _, se in tasks.values())) / n)}
 
 
 def aggregate(items: Sequence[Item], outcomes: Sequence[dict[str, float]], metrics: Sequence[str] | None = None) -> dict:

@@ -12,7 +12,11 @@ def primary_metric(task: str, results: dict) -> str:
 
 
 def accuracy_preserved(child: dict, parent: dict) -> dict:
-    """Rows for the tasks both results share; the average row compares the mean accuracies."""
+    """Rows for the tasks both results share; the average row compares the mean accuracies. Where both were
+    evaluated with `log_samples`, each row and the average also carry child - parent paired on the same items
+    ("diff", "diff_stderr": `tessera.evaluate.metrics.paired_tasks`)."""
+    from tessera.evaluate.metrics import paired_tasks
+
     rows = []
     for task in child:
         if task not in parent:
@@ -26,30 +30,46 @@ def accuracy_preserved(child: dict, parent: dict) -> dict:
     mean_p = sum(r["parent"] for r in rows) / len(rows)
     average = {"task": "average", "metric": "", "child": mean_c, "parent": mean_p,
                "preserved": mean_c / mean_p if mean_p else float("nan")}
+    if all("samples" in child[r["task"]] and "samples" in parent[r["task"]] for r in rows):
+        d = paired_tasks({r["task"]: ([o[r["metric"]] for o in child[r["task"]]["samples"]],
+                                      [o[r["metric"]] for o in parent[r["task"]]["samples"]]) for r in rows})
+        for r in rows:
+            r["diff"], r["diff_stderr"] = d["tasks"][r["task"]]
+        average["diff"], average["diff_stderr"] = d["average"]
     return {"rows": rows, "average": average}
 
 
+def paired_cell(row: dict) -> str:
+    """child - parent ± paired se, in points ("" where the row has no paired difference)."""
+    return f"{100 * row['diff']:+.2f} ± {100 * row['diff_stderr']:.2f}" if "diff" in row else ""
+
+
 def render_preserved_markdown(table: dict) -> str:
-    lines = ["| task | metric | child | parent | preserved |", "|---|---|---:|---:|---:|"]
-    for r in table["rows"] + ([table["average"]] if table["average"] else []):
+    rows = table["rows"] + ([table["average"]] if table["average"] else [])
+    paired = any("diff" in r for r in rows)
+    extra = (" child - parent ± se (paired) |", "---:|") if paired else ("", "")
+    lines = ["| task | metric | child | parent | preserved |" + extra[0], "|---|---|---:|---:|---:|" + extra[1]]
+    for r in rows:
         lines.append(f"| {r['task']} | {r['metric']} | {100 * r['child']:.2f} | {100 * r['parent']:.2f} | "
-                     f"{100 * r['preserved']:.1f}% |")
+                     f"{100 * r['preserved']:.1f}% |" + (f" {paired_cell(r)} |" if paired else ""))
     return "\n".join(lines) + "\n"
 
 
 def rich_preserved_table(table: dict, title: str = "accuracy preserved"):
     from rich.table import Table
 
+    paired = any("diff" in r for r in table["rows"])
     t = Table(title=title)
-    for col in ("task", "metric", "child", "parent", "preserved"):
+    for col in ("task", "metric", "child", "parent", "preserved") + (("child - parent ± se (paired)",) if paired else ()):
         t.add_column(col, justify="left" if col in ("task", "metric") else "right")
     for r in table["rows"]:
         t.add_row(r["task"], r["metric"], f"{100 * r['child']:.2f}", f"{100 * r['parent']:.2f}",
-                  f"{100 * r['preserved']:.1f}%")
+                  f"{100 * r['preserved']:.1f}%", *([paired_cell(r)] if paired else []))
     if table["average"]:
         a = table["average"]
         t.add_section()
-        t.add_row("average", "", f"{100 * a['child']:.2f}", f"{100 * a['parent']:.2f}", f"{100 * a['preserved']:.1f}%")
+        t.add_row("average", "", f"{100 * a['child']:.2f}", f"{100 * a['parent']:.2f}", f"{100 * a['preserved']:.1f}%",
+                  *([paired_cell(a)] if paired else []))
     return t
 
 

@@ -142,6 +142,8 @@ def frontier_points(data: dict) -> list[dict]:
 # ---------------------------------------------------------------------------- markdown and HTML
 def _tables(data: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
     """(title, header, rows, note) for every table of the report, shared by the markdown and the HTML."""
+    from tessera.evaluate.table import paired_cell
+
     out = []
     p, c = data["parent"], data["child"]
     if p.get("params") is not None:
@@ -170,12 +172,15 @@ def _tables(data: dict) -> list[tuple[str, list[str], list[list[str]], str]]:
             ce, pe = ev["child"][r["task"]].get(f"{m}_stderr"), ev["parent"][r["task"]].get(f"{m}_stderr")
             rows.append([r["task"], m, str(ev["child"][r["task"]].get("n", "")),
                          f"{_pct(r['child'])} ± {_pct(ce)}", f"{_pct(r['parent'])} ± {_pct(pe)}",
-                         f"{100 * r['preserved']:.1f}%"])
+                         f"{100 * r['preserved']:.1f}%", paired_cell(r)])
         a = ev["preserved"]["average"]
         if a:
-            rows.append(["average", "", "", _pct(a["child"]), _pct(a["parent"]), f"{100 * a['preserved']:.1f}%"])
-        out.append(("Accuracy preserved", ["task", "metric", "n", "child (± stderr)", "parent (± stderr)", "preserved"],
-                    rows, f"limit {ev['limit']} items per task" if ev.get("limit") else "whole tasks"))
+            rows.append(["average", "", "", _pct(a["child"]), _pct(a["parent"]), f"{100 * a['preserved']:.1f}%",
+                         paired_cell(a)])
+        out.append(("Accuracy preserved", ["task", "metric", "n", "child (± stderr)", "parent (± stderr)", "preserved",
+                                           "child − parent (± paired stderr)"],
+                    rows, (f"limit {ev['limit']} items per task" if ev.get("limit") else "whole tasks")
+                    + "; the paired stderr compares both models item by item"))
         k, ppl = ev["kld"], ev["perplexity"]
         rows = [["KL(parent ‖ child), nats/token", f"{k['kld']:.4f}", f"{k['tokens']:,} tokens"],
                 ["top-1 agreement", f"{100 * k['top1_agreement']:.2f}%", ""],

@@ -329,11 +329,15 @@ def stage_evaluate(ctx: Context) -> dict:
     parent = ctx.parent()
     child = ctx.load_child("evaluate")
     tasks = list(cfg.tasks)
-    p_res = evaluate_tasks(parent, tasks, limit=cfg.limit, batch_size=cfg.batch_size, progress=ctx.progress)
-    c_res = evaluate_tasks(child, tasks, limit=cfg.limit, batch_size=cfg.batch_size, progress=ctx.progress)
+    p_res = evaluate_tasks(parent, tasks, limit=cfg.limit, batch_size=cfg.batch_size, progress=ctx.progress,
+                           log_samples=True)
+    c_res = evaluate_tasks(child, tasks, limit=cfg.limit, batch_size=cfg.batch_size, progress=ctx.progress,
+                           log_samples=True)
+    preserved = accuracy_preserved(c_res, p_res)  # with child - parent paired on each item
     for r in (*p_res.values(), *c_res.values()):  # wall time and cache hits differ between runs; numbers do not
         r.pop("seconds", None)
         r.pop("cached", None)
+        r.pop("samples", None)
     kld_data = load_split(parent.tokenizer, "reporting", ctx.data_path(), seq_len=seq_len,
                           max_tokens=cfg.kld_chunks * seq_len).take(cfg.kld_chunks)
     kld = mean_kld(parent, child, kld_data.chunks)
@@ -342,7 +346,7 @@ def stage_evaluate(ctx: Context) -> dict:
     window = min(1024, parent.arch.max_position_embeddings)
     ppl = {name: perplexity_of_ids(m, ids, window).as_dict() for name, m in (("parent", parent), ("child", child))}
     payload = {"tasks": tasks, "limit": cfg.limit, "parent": p_res, "child": c_res,
-               "preserved": accuracy_preserved(c_res, p_res), "kld": kld.as_dict(), "perplexity": ppl,
+               "preserved": preserved, "kld": kld.as_dict(), "perplexity": ppl,
                "data": {"kld": kld_data.record(), "perplexity": ppl_data.record()}}
     _write_json_stage(ctx, "evaluate", payload)
     n_items = sum(r.get("n", 0) for r in c_res.values())
