@@ -148,7 +148,7 @@ def seed_baselines(args) -> None:
     if differ:
         raise SystemExit(f"--baselines-from {src}: its {', '.join(differ)} differ from this run's; rerun with the "
                          "same settings or drop --baselines-from")
-    wrong = sorted({f"{r['method']} ({r['gkd']['loss']})" for r in old["rows"] if r["method"] != "puzzle"
+    wrong = sorted({f"{r['method']} ({r['gkd']['loss']})" for r in old["rows"] if not r["method"].startswith("puzzle")
                     and r["target"] in args.speedups and r["gkd"]["loss"] != gkd_loss(args, r["method"])})
     if wrong:
         raise SystemExit(f"--baselines-from {src}: its {', '.join(wrong)} children were healed with another loss than "
@@ -158,7 +158,7 @@ def seed_baselines(args) -> None:
         return
     results["parent"] = old["parent"]
     results["rows"] = [{**r, "reused_from": str(src)} for r in old["rows"]
-                       if r["method"] != "puzzle" and r["target"] in args.speedups]
+                       if not r["method"].startswith("puzzle") and r["target"] in args.speedups]
     results["baselines_from"] = str(src)
     if not (args.out / "costs.json").is_file():  # the same cost table: the baselines' shapes depend on it
         atomic_write_text(args.out / "costs.json", (src / "costs.json").read_text())
@@ -289,6 +289,11 @@ def main() -> None:
     ap.add_argument("--refine-rounds", type=int, default=0,
                     help="refine each Puzzle child with its measured in-context block costs for up to N MIP rounds "
                          "(tessera.puzzle.refine; 0: the MIP's first choice, as in the paper)")
+    ap.add_argument("--alternatives", type=int, default=0, metavar="K",
+                    help="also build, heal and measure the MIP's K next best Puzzle children of each target (not "
+                         "with --refine-rounds), each differing from every earlier one in >= (1 - --alpha) x layers: "
+                         "how far children the summed score cannot tell apart differ once healed")
+    ap.add_argument("--alpha", type=float, default=0.5, help="diversity of --alternatives (0.5: half the layers differ)")
     ap.add_argument("--gkd-data", choices=("corpus", "mix"), default="corpus",
                     help="text of the global distillation of every child and of the baselines' importance: the "
                          "shared corpus's calibration split, or the mix of --search-data mix (the KLD is always "
@@ -315,6 +320,8 @@ def main() -> None:
                          "(run it alone on the machine, e.g. under flock); all: both")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if args.alternatives and args.refine_rounds:
+        raise SystemExit("--alternatives and --refine-rounds: refinement builds one child per target; drop one of them")
     check_score_tasks(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -407,31 +414,35 @@ def build(args) -> None:
         dirs = ["scores"] + (["scores_answers"] if args.score_tasks else [])
         measure = child_measure(parent, library, [scores_data(args.out / d, parent) for d in dirs])
     for s in args.speedups:
-        def mip(table, pairs=None, s=s):
-            return solve(table, costs, [Constraint("speedup", s, phase="decode")],
-                         exclude=library.pair_exclusion_keys(), pair_scores=pairs)[0]
+        def mip(table, pairs=None, s=s, n=1):
+            return solve(table, costs, [Constraint("speedup", s, phase="decode")], num_solutions=n,
+                         alpha=args.alpha, exclude=library.pair_exclusion_keys(), pair_scores=pairs)[:n]
 
         refined = None
         if measure is not None and (s, "puzzle") not in done and "puzzle" in args.methods:
             from tessera.puzzle.refine import refine
 
-            sol, history = timed("refine", lambda mip=mip: refine(scores.kl, mip, measure, rounds=args.refine_rounds))
+            sol, history = timed("refine", lambda mip=mip: refine(scores.kl, lambda t, p: mip(t, p)[0], measure,
+                                                                  rounds=args.refine_rounds))
             refined = [r.as_dict() for r in history]
             print(f"refine {s:g}x: measured " + " -> ".join(f"{r['measured']:.3f} (summed {r['summed']:.3f})"
                                                             for r in refined), flush=True)
         else:
-            sol = timed("mip", lambda mip=mip: mip(scores.kl))
+            sol = timed("mip", lambda mip=mip: mip(scores.kl))[0]
+        # the next best children, each differing from every earlier one in >= (1 - alpha) x layers
+        sols = {"puzzle": sol} | {f"puzzle-alt{k}": alt for k, alt in enumerate(
+            mip(scores.kl, n=1 + args.alternatives)[1:] if args.alternatives else [], 1)}
         shapes = baseline_shapes(costs, s, parent.arch)
         makers = {
-            "puzzle": (lambda sol=sol: assemble(parent, library, sol.layers,
-                                                weights=lambda i, v: variant_state(library, parent, i, v)),
-                       sol.totals[f"speedup[{scenario},decode]"]),
+            name: (lambda x=x: assemble(parent, library, x.layers,
+                                        weights=lambda i, v: variant_state(library, parent, i, v)),
+                   x.totals[f"speedup[{scenario},decode]"]) for name, x in sols.items()} | {
             "minitron": (lambda w=shapes["minitron_ffn"]: prune(parent, imp, PruneTarget(ffn=w)),
                          shapes["minitron_predicted"]),
             "shortgpt": (lambda n=shapes["shortgpt_layers"]: shortgpt(parent, imp, n), shapes["shortgpt_predicted"]),
         }
         for name, (make, predicted) in makers.items():
-            if (s, name) in done or name not in args.methods:
+            if (s, name) in done or name.split("-alt")[0] not in args.methods:
                 continue
             loss = gkd_loss(args, name)
             child = timed("assemble / prune", make)
@@ -442,14 +453,15 @@ def build(args) -> None:
             acc = timed("evaluate", lambda c=child: accuracy(c, args.limit))
             shape = (f"FFN {shapes['minitron_ffn']}" + ("" if shapes["minitron_reachable"] else " (narrowest tried)")
                      if name == "minitron" else f"{shapes['shortgpt_layers']} layers" if name == "shortgpt"
-                     else "; ".join(f"{k} x{n}" for k, n in _counts(sol)))
+                     else "; ".join(f"{k} x{n}" for k, n in _counts(sols[name])))
             path = args.out / "children" / f"{name}-{s:g}x"
             tessera.save(child, path, force=True)
             row = {"target": s, "method": name, "shape": shape, "params": child.arch.num_params(), "path": str(path),
                    "predicted_speedup": predicted, "kld_before": kld_before, "kld": kld["kld"],
                    "kld_stderr": kld["stderr"], "kld_per_chunk": kld["per_chunk"], "accuracy": acc,
                    "preserved": acc["average"] / parent_acc["average"],
-                   "gkd": gkd, **({"refine": refined} if name == "puzzle" and refined else {})}
+                   "gkd": gkd, **({"summed_score": sols[name].objective} if name in sols else {}),
+                   **({"refine": refined} if name == "puzzle" and refined else {})}
             results["rows"].append(row)
             _write(args, results)
             print(json.dumps({k: row[k] for k in ("target", "method", "shape", "predicted_speedup", "kld_before",
@@ -575,7 +587,7 @@ def _print(rows, parent_acc, parent_speed, args) -> None:
           "(difference ± paired se; z = difference / se):")
     for r in rows:
         for o in rows:
-            if r["method"] != "puzzle" or o["method"] == "puzzle" or o["target"] != r["target"]:
+            if not r["method"].startswith("puzzle") or o["method"].startswith("puzzle") or o["target"] != r["target"]:
                 continue
             d = paired(r, o)
             cells = []
@@ -585,23 +597,23 @@ def _print(rows, parent_acc, parent_speed, args) -> None:
                 m, se = d["average"]
                 cells.append(f"avg acc {100 * m:+.1f} ± {100 * se:.1f} (z {m / se:+.1f}; " + ", ".join(
                     f"{t} {100 * x:+.1f} ± {100 * e:.1f}" for t, (x, e) in d["tasks"].items()) + ")")
-            print(f"- {r['target']:g}x Puzzle - {o['method']}: " + ("; ".join(cells) or "not paired (rows from "
+            print(f"- {r['target']:g}x {r['method']} - {o['method']}: " + ("; ".join(cells) or "not paired (rows from "
                                                                       "before per-item outcomes were kept)"))
 
 
 def _plots(rows, parent_acc, args) -> None:
     from tessera.plots import plot_frontier
 
-    kind = {"puzzle": "child", "minitron": "baseline", "shortgpt": "baseline"}
+    kind = {"minitron": "baseline", "shortgpt": "baseline"}  # puzzle and its alternatives: "child"
     b = str(args.batches[0])
     pts = [{"name": "parent", "throughput": 1.0, "quality": 100.0, "kind": "parent"}]
     pts += [{"name": f"{r['method']} {r['target']}x", "throughput": r["measured_speedup"][b],
-             "quality": 100 * r["preserved"], "kind": kind[r["method"]]} for r in rows]
+             "quality": 100 * r["preserved"], "kind": kind.get(r["method"], "child")} for r in rows]
     plot_frontier(pts, args.out / "frontier_accuracy.png", throughput_label=f"measured CPU decode speed-up (batch {b})",
                   title="Puzzle vs Minitron vs ShortGPT (default parent)")
     pts = [{"name": "parent", "throughput": 1.0, "quality": 0.0, "kind": "parent"}]
     pts += [{"name": f"{r['method']} {r['target']}x", "throughput": r["measured_speedup"][b], "quality": -r["kld"],
-             "kind": kind[r["method"]]} for r in rows]
+             "kind": kind.get(r["method"], "child")} for r in rows]
     plot_frontier(pts, args.out / "frontier_kld.png", quality_label="- KLD to the parent (nats/token)",
                   throughput_label=f"measured CPU decode speed-up (batch {b})",
                   title="Puzzle vs Minitron vs ShortGPT (default parent)")
