@@ -20,6 +20,10 @@ measured on the scoring data (its KL, and the in-context cost of each layer it c
 that layer alone gets the parent's block), each layer's scores are rescaled by in-context cost / summed score, and
 the MIP is solved again, up to N rounds; the child with the lowest measured KL is built.
 
+With --alternatives K, the MIP's K next best children of each target (each differing from every earlier one in
+>= (1 - --alpha) x layers) are healed and measured beside its choice: how much children the summed score cannot
+tell apart differ once healed.
+
 All children are healed by global distillation with the same token budget, lr and batch (by default Puzzle and
 Minitron: KL + cosine on every layer's output; ShortGPT, which has fewer layers: KL + cosine on the final hidden
 state; --gkd-loss kl or kl+cosine gives every child that one loss),
