@@ -183,6 +183,14 @@ def ffn_decode_time(costs: CostTable, width: int) -> float:
     return max(0.0, t0 + (t1 - t0) * (width - w0) / (w1 - w0))
 
 
+def context_free_pairs(scores) -> list[tuple[str, str]]:
+    """--keep-attention: every (attention, FFN) pair whose attention sees only the current token (no-op or linear)
+    except the whole layer dropped (no-op beside no-op), for the MIP's `exclude`."""
+    keys = {k for _, k in scores}
+    return [(a, f) for a in keys if a in ("attn.no_op", "attn.linear") for f in keys if f.startswith("ffn.")
+            and (a, f) != ("attn.no_op", "ffn.no_op")]
+
+
 def baseline_shapes(costs: CostTable, speedup: float, parent_arch) -> dict:
     """Minitron's uniform FFN width and ShortGPT's layer count whose predicted decode time meets `speedup`."""
     attn0, ffn0 = (v.key for v in tessera.puzzle.library.parent_variants(parent_arch, 0))
@@ -297,6 +305,8 @@ def main() -> None:
                     help="also build, heal and measure the MIP's K next best Puzzle children of each target (not "
                          "with --refine-rounds), each differing from every earlier one in >= (1 - --alpha) x layers: "
                          "how far children the summed score cannot tell apart differ once healed")
+    ap.add_argument("--keep-attention", action="store_true",
+                    help="Puzzle removes (no-op) or linearises attention only where it drops the whole layer")
     ap.add_argument("--alpha", type=float, default=0.5, help="diversity of --alternatives (0.5: half the layers differ)")
     ap.add_argument("--gkd-data", choices=("corpus", "mix"), default="corpus",
                     help="text of the global distillation of every child and of the baselines' importance: the "
@@ -417,10 +427,11 @@ def build(args) -> None:
 
         dirs = ["scores"] + (["scores_answers"] if args.score_tasks else [])
         measure = child_measure(parent, library, [scores_data(args.out / d, parent) for d in dirs])
+    exclude = list(library.pair_exclusion_keys()) + (context_free_pairs(scores.kl) if args.keep_attention else [])
     for s in args.speedups:
         def mip(table, pairs=None, s=s, n=1):
             return solve(table, costs, [Constraint("speedup", s, phase="decode")], num_solutions=n,
-                         alpha=args.alpha, exclude=library.pair_exclusion_keys(), pair_scores=pairs)[:n]
+                         alpha=args.alpha, exclude=exclude, pair_scores=pairs)[:n]
 
         refined = None
         if measure is not None and (s, "puzzle") not in done and "puzzle" in args.methods:
