@@ -22,7 +22,8 @@ the MIP is solved again, up to N rounds; the child with the lowest measured KL i
 
 With --alternatives K, the MIP's K next best children of each target (each differing from every earlier one in
 >= (1 - --alpha) x layers) are healed and measured beside its choice: how much children the summed score cannot
-tell apart differ once healed.
+tell apart differ once healed. With --keep-attention, the MIP may remove (or linearise) a layer's attention only
+where it drops the whole layer, so every Puzzle child keeps attention wherever it keeps a layer.
 
 All children are healed by global distillation with the same token budget, lr and batch (by default Puzzle and
 Minitron: KL + cosine on every layer's output; ShortGPT, which has fewer layers: KL + cosine on the final hidden
