@@ -153,7 +153,7 @@ def seed_baselines(args) -> None:
     if differ:
         raise SystemExit(f"--baselines-from {src}: its {', '.join(differ)} differ from this run's; rerun with the "
                          "same settings or drop --baselines-from")
-    wrong = sorted({f"{r['method']} ({r['gkd']['loss']})" for r in old["rows"] if not r["method"].startswith("puzzle")
+    wrong = sorted({f"{r['method']} ({r['gkd']['loss']})" for r in old["rows"] if method_of(r["method"]) != "puzzle"
                     and r["target"] in args.speedups and r["gkd"]["loss"] != gkd_loss(args, r["method"])})
     if wrong:
         raise SystemExit(f"--baselines-from {src}: its {', '.join(wrong)} children were healed with another loss than "
@@ -163,7 +163,7 @@ def seed_baselines(args) -> None:
         return
     results["parent"] = old["parent"]
     results["rows"] = [{**r, "reused_from": str(src)} for r in old["rows"]
-                       if not r["method"].startswith("puzzle") and r["target"] in args.speedups]
+                       if method_of(r["method"]) != "puzzle" and r["target"] in args.speedups]
     results["baselines_from"] = str(src)
     if not (args.out / "costs.json").is_file():  # the same cost table: the baselines' shapes depend on it
         atomic_write_text(args.out / "costs.json", (src / "costs.json").read_text())
@@ -210,6 +210,11 @@ def baseline_shapes(costs: CostTable, speedup: float, parent_arch) -> dict:
     return {"minitron_ffn": width, "minitron_reachable": reachable,
             "minitron_predicted": parent_total / (fixed + L * (attn + ffn_decode_time(costs, width))),
             "shortgpt_layers": keep, "shortgpt_predicted": parent_total / (fixed + keep * layer)}
+
+
+def method_of(name: str) -> str:
+    """The method of a row: puzzle, minitron or shortgpt (`--alternatives` rows are puzzle-alt1, puzzle-alt2, ...)."""
+    return name.split("-alt")[0]
 
 
 def gkd_loss(args, method: str) -> str:
@@ -458,7 +463,7 @@ def build(args) -> None:
             "shortgpt": (lambda n=shapes["shortgpt_layers"]: shortgpt(parent, imp, n), shapes["shortgpt_predicted"]),
         }
         for name, (make, predicted) in makers.items():
-            if (s, name) in done or name.split("-alt")[0] not in args.methods:
+            if (s, name) in done or method_of(name) not in args.methods:
                 continue
             loss = gkd_loss(args, name)
             child = timed("assemble / prune", make)
@@ -603,7 +608,7 @@ def _print(rows, parent_acc, parent_speed, args) -> None:
           "(difference ± paired se; z = difference / se):")
     for r in rows:
         for o in rows:
-            if not r["method"].startswith("puzzle") or o["method"].startswith("puzzle") or o["target"] != r["target"]:
+            if method_of(r["method"]) != "puzzle" or method_of(o["method"]) == "puzzle" or o["target"] != r["target"]:
                 continue
             d = paired(r, o)
             cells = []
